@@ -1,1 +1,121 @@
-"""placeholder"""
+"""``triton``: the flash-style Triton kernel (forward and deterministic backward, block skipping,
+GQA without repeating k/v, packed varlen, any batch/head/sequence strides).
+
+On a GPU it is the fastest backend and ``backend="auto"``'s choice. On a CPU it runs under the
+Triton interpreter (``TRITON_INTERPRET=1``, set before triton is imported), which is how CI tests
+it; the interpreter's bf16 ``tl.dot`` is wrong (triton issue 11584), so bf16 is GPU-only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sbbench.core.problem import AttnProblem
+from sbbench.core.registry import Param, register_backend
+from sbbench.core.tuned import tuned_config_hook
+
+CONFIG_SPACE = (
+    Param("fwd_BLOCK_M", (16, 32, 64, 128, 256), "fwd"),
+    Param("fwd_BLOCK_N", (16, 32, 64, 128), "fwd"),
+    Param("fwd_num_warps", (2, 4, 8), "fwd"),
+    Param("fwd_num_stages", (1, 2, 3, 4), "fwd"),
+    # The tuner may raise the threshold as far as the numerics budget allows (design.md s. 3).
+    Param("skip_log2", (-40, -30, -24, -20, -16, -12), "fwd"),
+    # Keys walked before the first skip check (each later check waits twice as long): a check
+    # ends a software-pipelined loop, so rarer checks cost less when nothing can be skipped and
+    # stop later when the stick runs out.
+    Param("skip_check_keys", (128, 256, 512, 1024, 2048, 4096), "fwd"),
+    # How many skip checks before walking the rest without one: each check closes a pipelined
+    # loop and opens another, which costs even when nothing can be skipped.
+    Param("skip_checks", (1, 2, 3, 5), "fwd"),
+    Param("scan", ("dot", "cumsum"), "fwd"),
+    # Backward: the dQ kernel's tiles, then the dK/dV kernel's. The dK/dV key tile also sets
+    # how often the dQ kernel stores the boundary sums passed between them (T^2/(2 N) floats
+    # each), so it must be a multiple of the dQ key tile.
+    Param("bwd_BLOCK_M", (16, 32, 64, 128), "bwd"),
+    Param("bwd_BLOCK_N", (16, 32, 64, 128), "bwd"),
+    Param("bwd_num_warps", (2, 4, 8), "bwd"),
+    Param("bwd_num_stages", (1, 2, 3), "bwd"),
+    Param("bwd_dkdv_BLOCK_M", (16, 32, 64, 128), "bwd"),
+    Param("bwd_dkdv_BLOCK_N", (32, 64, 128), "bwd"),
+    Param("bwd_dkdv_num_warps", (2, 4, 8), "bwd"),
+    Param("bwd_dkdv_num_stages", (1, 2, 3), "bwd"),
+)
+# Defaults from H100 probes (scripts/gpu_probe.py, bf16, B=4 H=12 T=8192 D=128, dense):
+# skip_log2 = -30 moves float32 outputs of O(1) by under a tenth of an ulp; one skip check costs
+# nothing measurable (219 vs 220 TFLOP/s with skipping off) while each further one costs ~10%;
+# a dK/dV key tile of 64 keeps the boundary sums at T^2/128 floats (peak memory ~FA2's).
+DEFAULT_CONFIG = {
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 2,
+    "skip_log2": -30, "skip_check_keys": 256, "skip_checks": 1, "scan": "dot",
+    "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 32, "bwd_num_warps": 4, "bwd_num_stages": 2,
+    "bwd_dkdv_BLOCK_M": 16, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4, "bwd_dkdv_num_stages": 2,
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _availability() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "package triton not installed"
+    if torch.cuda.is_available() or _interpreting():
+        return None
+    return "no CUDA GPU (set TRITON_INTERPRET=1 before starting to run it in the CPU interpreter)"
+
+
+def _extra_check(problem: AttnProblem) -> str | None:
+    if problem.device_type == "cpu":
+        if not _interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        if problem.dtype == torch.bfloat16:
+            return "bf16 tl.dot is wrong in the Triton interpreter (triton issue 11584); use a GPU"
+    return None
+
+
+def _config_list(config, problem_dtype=None):
+    from sbbench.kernels.triton_sb.op import config_to_list
+
+    return config_to_list({**DEFAULT_CONFIG, **(config or {})})
+
+
+def triton_sb_attn(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max_seqlen=None, config=None):
+    from sbbench.kernels.triton_sb.op import triton_sb_fwd
+
+    seqlen = max_seqlen if cu_seqlens is not None else q.shape[2]
+    o, rem, _, _ = triton_sb_fwd(q, k, v, cu_seqlens, float(inv_temp), bool(attend_current), int(seqlen), _config_list(config))
+    return o, rem
+
+
+def _skipped_fraction(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max_seqlen=None, config=None) -> float:
+    from sbbench.kernels.triton_sb.op import skipped_fraction_of, triton_sb_fwd
+
+    seqlen = max_seqlen if cu_seqlens is not None else q.shape[2]
+    with torch.no_grad():
+        _, _, _, stop = triton_sb_fwd(
+            q, k, v, cu_seqlens, float(inv_temp), bool(attend_current), int(seqlen), _config_list(config)
+        )
+    return skipped_fraction_of(stop, cu_seqlens, 0 if cu_seqlens is not None else q.shape[2], attend_current)
+
+
+register_backend(
+    "triton",
+    description="flash-style Triton kernel: fwd+bwd, block skipping, GQA, varlen",
+    devices=("cuda", "cpu"),
+    auto_devices=("cuda",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    min_head_dim=16,
+    max_head_dim=256,
+    auto_priority=0,
+    config_space=CONFIG_SPACE,
+    default_config=DEFAULT_CONFIG,
+    availability=_availability,
+    extra_check=_extra_check,
+    tuned_config=tuned_config_hook("triton", {p.name: p.pass_ for p in CONFIG_SPACE}),
+    skipped_fraction=_skipped_fraction,
+)(triton_sb_attn)

@@ -119,10 +119,14 @@ def lookup_config(
         "attend_current": attend_current,
     }
     found = load_tuned_configs(device_name, backend, search_path)
-    entries = [] if found is None else [e for e in found[0]["entries"] if _same_key(e.get("key", {}), key)]
+    if found is None:
+        warn_once(f"sbbench: no tuned {backend} configs for {device_name}; using the default config")
+        return None
+    entries = [e for e in found[0]["entries"] if _same_key(e.get("key", {}), key)]
     if not entries:
         warn_once(
-            f"sbbench: no tuned {backend} config for {device_name} {key}; using the default config"
+            f"sbbench: no tuned {backend} config for {device_name} {key} in {found[1]}; "
+            "using the default config"
         )
         return None
     data, path = found

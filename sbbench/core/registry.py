@@ -70,8 +70,10 @@ class Backend:
     varlen: bool = True
     gqa: bool = True
     differentiable: bool = True
-    # Lower is preferred by backend="auto" among the backends that support an input.
+    # Lower is preferred by backend="auto" among the backends that support an input, on the
+    # devices in auto_devices (default: all of ``devices``).
     auto_priority: int | None = None
+    auto_devices: tuple[str, ...] | None = None
     config_space: tuple[Param, ...] = ()
     default_config: Mapping[str, Any] = field(default_factory=dict)
     # Returns why the backend cannot run on this machine at all (no GPU, package missing).
@@ -242,6 +244,8 @@ def select_auto(problem: AttnProblem) -> Backend:
     candidates = [b for b in all_backends() if b.auto_priority is not None and b.kind == "stickbreaking"]
     reasons = []
     for backend in sorted(candidates, key=lambda b: b.auto_priority):
+        if backend.auto_devices is not None and problem.device_type not in backend.auto_devices:
+            continue
         reason = backend.unsupported_reason(problem)
         if reason is None:
             return backend

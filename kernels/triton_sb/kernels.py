@@ -1,0 +1,484 @@
+"""Triton kernels for stick-breaking attention: forward, and a two-kernel deterministic backward.
+
+All logit arithmetic is in base 2 (``z2 = z * log2(e)``) so the special-function unit's ex2/lg2
+are used directly. For one query row i and its keys j (nearest first)::
+
+    sp2_j  = softplus2(z2_j) = max(z2, 0) + log2(1 + 2^-|z2|)        (-log2(1 - beta_j))
+    S_j    = sum_{l >= j} sp2_l                                        (inclusive suffix sum)
+    A_j    = 2^(z2_j - S_j)        o = sum_j A_j v_j        rem = 2^-(sum_j sp2_j)
+
+Key blocks are walked from the diagonal leftwards; ``carry`` holds the suffix sum of the blocks
+already visited (the running log-stick). Within a block the suffix sum is a triangular matrix
+product on the tensor cores (``SCAN=1``: one fp16 product, enough for bf16 inputs; ``SCAN=2``:
+the value split into fp16 high and low parts, two products, ~2^-22 relative error, for fp16 and
+fp32 inputs) or ``tl.cumsum`` (``SCAN=0``). The scan, not the matmuls, is what makes
+stick-breaking costlier than softmax (anchors.md), and a product with a constant 0/1 matrix is the
+cheapest scan Triton offers.
+
+Backward (natural-log units for the gradient; z = inv_temp <q, k>). With g_il = A_il <do_i, v_l>,
+beta = sigmoid(z), Dtot_i = <do_i, o_i> and Gsuf_il = sum_{j > l} g_ij (keys nearer the query):
+
+    dz_il = g_il - beta_il (Dtot_i + drem_i rem_i - Gsuf_il)
+    dq_i = inv_temp sum_l dz_il k_l,  dk_l = inv_temp sum_i dz_il q_i,  dv_l = sum_i A_il do_i
+
+Both the log-stick and Gsuf are running sums from the diagonal, so a key-major dK/dV kernel needs
+their value at each block boundary. The query-major dQ kernel walks like the forward, and stores
+these two boundary values per (row, key block) for the causal blocks only (T^2 / (2 BLOCK_N) floats
+each); the key-major dK/dV kernel then recomputes each block alone. Each output element is written
+by one program: no atomics on floats, so the backward is deterministic.
+
+Block skipping (design.md section 3): once every row of a query tile has ``carry > -skip_log2``
+(rem < 2^skip_log2), the forward stops walking left. It checks after ``skip_check_keys`` keys,
+then after twice as many more, four times, ... (``skip_checks`` checks), then walks the rest. It records, per row, the first key it
+visited; the backward masks every key left of it, so both passes compute the same function.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus2(z2):
+    return tl.maximum(z2, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(z2)))
+
+
+@triton.jit
+def _scan_excl(x, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, REVERSE: tl.constexpr):
+    """Exclusive running sum of x (fp32, [BLOCK_M, BLOCK_N]) along its key axis: of the entries
+    right of each one when REVERSE (suffix), else of those left of it (prefix). Exclusive, so an
+    entry's own value never passes through the fp16 rounding of the matrix-product scan: a key
+    with a saturated sigmoid (beta ~ 1) would otherwise lose its gradient to that rounding."""
+    if SCAN == 0:
+        return tl.cumsum(x, axis=1, reverse=REVERSE) - x
+    else:
+        idx = tl.arange(0, BLOCK_N)
+        if REVERSE:
+            tri = (idx[:, None] > idx[None, :]).to(tl.float16)
+        else:
+            tri = (idx[:, None] < idx[None, :]).to(tl.float16)
+        # fp16 holds +-65504; values that large only arise where the weights are 0 anyway.
+        x = tl.minimum(tl.maximum(x, -30000.0), 30000.0)
+        hi = x.to(tl.float16)
+        s = tl.dot(hi, tri)
+        if SCAN == 2:
+            lo = (x - hi.to(tl.float32)).to(tl.float16)
+            s = tl.dot(lo, tri, s)
+        return s
+
+
+@triton.jit
+def _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN: tl.constexpr):
+    """(first row of this sequence in the packed row space, its length)."""
+    if IS_VARLEN:
+        start = tl.load(CU_SEQLENS + pid_b)
+        seqlen = tl.load(CU_SEQLENS + pid_b + 1) - start
+    else:
+        start = pid_b * T_dense
+        seqlen = T_dense
+    return start, seqlen
+
+
+@triton.jit
+def _state_offset(row, BLOCK_N: tl.constexpr):
+    """Offset of row's first boundary state in its sequence's compact causal layout: row i owns
+    i // BLOCK_N + 1 slots (the key blocks it can see)."""
+    qb = row // BLOCK_N
+    return BLOCK_N * (qb * (qb + 1) // 2) + (row % BLOCK_N) * (qb + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_block(
+    acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seqlen, head_dim, scale2,
+    stride_kt, stride_vt,
+    MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    keys = start_n + offs_n
+    if MASKED:
+        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    else:
+        kv_mask = offs_d[None, :] < head_dim
+    k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+    z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+    sp2 = _softplus2(z2)
+    if MASKED:
+        if ATTEND_CURRENT:
+            valid = keys[None, :] <= offs_m[:, None]
+        else:
+            valid = keys[None, :] < offs_m[:, None]
+        sp2 = tl.where(valid, sp2, 0.0)
+    # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry
+    suffix = _scan_excl(sp2, BLOCK_N, SCAN, True)
+    weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
+    if MASKED:
+        weights = tl.where(valid, weights, 0.0)
+    acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
+    # float64 running log-stick: the backward rebuilds it from the left as total - prefix,
+    # which needs the total exact (a [BLOCK_M] add per block, off the hot path).
+    carry = carry + tl.sum(sp2, 1).to(tl.float64)
+    return acc, carry
+
+
+@triton.jit
+def sb_fwd_kernel(
+    Q, K, V, O, REM, LOGREM, STOP, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_rb, stride_rh, stride_rt,
+    T_dense, total_rows, num_heads, group, head_dim, scale2, skip_threshold,
+    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, SKIP: tl.constexpr,
+    SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Heaviest query tiles (furthest from the sequence start) are launched first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads
+    pid_h = pid_bh % num_heads
+    pid_hk = pid_h // group
+    row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    if IS_VARLEN:
+        q_base = Q + row0.to(tl.int64) * stride_qt + pid_h * stride_qh
+        k_base = K + row0.to(tl.int64) * stride_kt + pid_hk * stride_kh
+        v_base = V + row0.to(tl.int64) * stride_vt + pid_hk * stride_vh
+        o_base = O + row0.to(tl.int64) * stride_ot + pid_h * stride_oh
+        r_base = REM + row0.to(tl.int64) * stride_rt + pid_h * stride_rh
+    else:
+        q_base = Q + pid_b.to(tl.int64) * stride_qb + pid_h * stride_qh
+        k_base = K + pid_b.to(tl.int64) * stride_kb + pid_hk * stride_kh
+        v_base = V + pid_b.to(tl.int64) * stride_vb + pid_hk * stride_vh
+        o_base = O + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh
+        r_base = REM + pid_b.to(tl.int64) * stride_rb + pid_h * stride_rh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+    )
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_M], dtype=tl.float64)
+
+    # Key blocks n whose keys are all visible to every row of the tile need no causal mask.
+    last_key = tl.minimum(start_m + BLOCK_M, seqlen) - 1 - (1 - ATTEND_CURRENT)
+    # Block holding the tile's last visible key, -1 for none (last_key >= -1; the shift keeps
+    # the division non-negative, as // truncates toward zero on the GPU).
+    n_top = (last_key + BLOCK_N) // BLOCK_N - 1
+    n_unmasked_top = (start_m + ATTEND_CURRENT) // BLOCK_N - 1
+    for t in range(0, n_top - n_unmasked_top):
+        acc, carry = _fwd_block(
+            acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n, offs_d, seqlen,
+            head_dim, scale2, stride_kt, stride_vt, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
+            PRECISION,
+        )
+
+    n_hi = n_unmasked_top
+    if SKIP:
+        # Check the stick after SKIP_CHECK_TILES blocks, then after twice as many more, and so
+        # on for SKIP_LEVELS checks, then walk the rest. Each stretch is a flat loop of its own
+        # (unrolled at compile time, never nested in a dynamic loop), so every one is
+        # software-pipelined; its trip count drops to 0 once the stick is used up.
+        live = tl.min(tl.where(row_ok, carry.to(tl.float32), float("inf")), 0) <= skip_threshold
+        for level in tl.static_range(SKIP_LEVELS + 1):
+            if level < SKIP_LEVELS:
+                n_lo = tl.maximum(n_hi - (SKIP_CHECK_TILES << level) + 1, 0)
+            else:
+                n_lo = 0
+            trips = tl.where(live, n_hi - n_lo + 1, 0)
+            for t in range(0, trips):
+                acc, carry = _fwd_block(
+                    acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
+                    seqlen, head_dim, scale2, stride_kt, stride_vt, False, ATTEND_CURRENT,
+                    BLOCK_N, BLOCK_D, SCAN, PRECISION,
+                )
+            n_hi = tl.where(live, n_lo - 1, n_hi)
+            live = live & (tl.min(tl.where(row_ok, carry.to(tl.float32), float("inf")), 0) <= skip_threshold)
+    else:
+        for t in range(0, n_hi + 1):
+            acc, carry = _fwd_block(
+                acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
+                seqlen, head_dim, scale2, stride_kt, stride_vt, False, ATTEND_CURRENT, BLOCK_N,
+                BLOCK_D, SCAN, PRECISION,
+            )
+        n_hi = -1
+    first_key = (n_hi + 1) * BLOCK_N
+
+    tl.store(
+        o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
+    )
+    tl.store(r_base + offs_m * stride_rt, tl.exp2(-carry.to(tl.float32)).to(REM.dtype.element_ty), mask=row_ok)
+    aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
+    tl.store(LOGREM + aux, carry, mask=row_ok)
+    tl.store(STOP + aux, tl.zeros([BLOCK_M], dtype=tl.int32) + first_key, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, part 1: dQ, query-major, walking each row's keys from the left
+# ---------------------------------------------------------------------------------------------
+#
+# With R_il = 2^-(sum of sp2 right of l) and P_il = sum_{j <= l} g_ij (keys further from the query):
+#
+#     dz_il = g_il - beta_il (P_il + drem_i rem_i)
+#
+# P is accumulated from the left, so no term is a difference of large sums (walking from the
+# diagonal would give P as <do, o> - suffix, which cancels catastrophically once the stick is
+# used up). The weights need the log-stick right of each key: total (from the forward, float64)
+# minus the prefix from the left (float64 per row), so that difference is exact too.
+
+
+@triton.jit
+def _bwd_block_terms(
+    q, do, k, v, keys, offs_m, stop, base, carry_p, drem_rem, scale2,
+    CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One block's weights and logit gradients, from per-row ``base`` = (prefix of sp2 left of the
+    block) - (total) and ``carry_p`` = P left of the block. Returns (A, dz, row sums of sp2, g)."""
+    valid = keys[None, :] >= stop[:, None]
+    if CAUSAL:
+        if ATTEND_CURRENT:
+            valid = valid & (keys[None, :] <= offs_m[:, None])
+        else:
+            valid = valid & (keys[None, :] < offs_m[:, None])
+    z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+    sp2_all = _softplus2(z2)
+    sp2 = tl.where(valid, sp2_all, 0.0)
+    weights = tl.where(valid, tl.exp2(z2 + base[:, None] + _scan_excl(sp2, BLOCK_N, SCAN, False)), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    g = weights * dp
+    p_excl = _scan_excl(g, BLOCK_N, SCAN, False) + carry_p[:, None]
+    beta = tl.exp2(z2 - sp2_all)  # sigmoid(z), from the softplus already computed
+    one_minus_beta = tl.exp2(-sp2_all)  # exact even where beta rounds to 1
+    # g - beta (P_incl + drem rem) with P_incl = P_excl + g, regrouped so that no term cancels
+    dz = tl.where(valid, g * one_minus_beta - beta * (p_excl + drem_rem[:, None]), 0.0)
+    return weights, dz, tl.sum(sp2, 1), tl.sum(g, 1)
+
+
+@triton.jit
+def sb_bwd_dq_kernel(
+    Q, K, V, DO, DREM, LOGREM, STOP, CU_SEQLENS, CU_STATES,
+    DQ, DREM_REM, STATE_BASE, STATE_P, ROW_HI,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_drb, stride_drh, stride_drt,
+    stride_dqb, stride_dqh, stride_dqt,
+    T_dense, total_rows, state_total, num_heads, group, head_dim, scale2, inv_temp, num_key_blocks,
+    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
+    # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads
+    pid_h = pid_bh % num_heads
+    pid_hk = pid_h // group
+    row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    if IS_VARLEN:
+        tok = row0.to(tl.int64)
+        q_base = Q + tok * stride_qt + pid_h * stride_qh
+        k_base = K + tok * stride_kt + pid_hk * stride_kh
+        v_base = V + tok * stride_vt + pid_hk * stride_vh
+        do_base = DO + tok * stride_dot + pid_h * stride_doh
+        dr_base = DREM + tok * stride_drt + pid_h * stride_drh
+        dq_base = DQ + tok * stride_dqt + pid_h * stride_dqh
+        state_base = tl.load(CU_STATES + pid_b)
+    else:
+        bb = pid_b.to(tl.int64)
+        q_base = Q + bb * stride_qb + pid_h * stride_qh
+        k_base = K + bb * stride_kb + pid_hk * stride_kh
+        v_base = V + bb * stride_vb + pid_hk * stride_vh
+        do_base = DO + bb * stride_dob + pid_h * stride_doh
+        dr_base = DREM + bb * stride_drb + pid_h * stride_drh
+        dq_base = DQ + bb * stride_dqb + pid_h * stride_dqh
+        state_base = bb * tl.load(CU_STATES + 1)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen
+    md_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
+    drem = tl.load(dr_base + offs_m * stride_drt, mask=row_ok, other=0.0).to(tl.float32)
+    aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
+    total = tl.load(LOGREM + aux, mask=row_ok, other=0.0)  # float64 sum of sp2 over visited keys
+    stop = tl.load(STOP + aux, mask=row_ok, other=2147483647)
+    drem_rem = drem * tl.exp2(-total.to(tl.float32))
+    tl.store(DREM_REM + aux, drem_rem, mask=row_ok)
+
+    # Slot of (row, key block n) in the compact causal state layout: row_slot + n.
+    row_slot = pid_h.to(tl.int64) * state_total + state_base + _state_offset(offs_m, STATE_N)
+
+    last_key = tl.minimum(start_m + BLOCK_M, seqlen) - 1 - (1 - ATTEND_CURRENT)
+    n_top = (last_key + BLOCK_N) // BLOCK_N - 1
+    n_unmasked_top = (start_m + ATTEND_CURRENT) // BLOCK_N - 1
+    # Start at a state-block edge (a row's first key need not be one: the forward's key tile
+    # may be finer than STATE_N) so the boundary sums of every block a row reaches get stored;
+    # keys left of a row's first key are masked out.
+    n_bottom = (tl.min(tl.where(row_ok, stop, 2147483647), 0) // STATE_N) * (STATE_N // BLOCK_N)
+
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    carry_f = tl.zeros([BLOCK_M], dtype=tl.float64)  # sp2 summed over blocks left of n
+    carry_p = tl.zeros([BLOCK_M], dtype=tl.float32)  # g summed over blocks left of n
+    row_hi = ROW_HI + (pid_b * (num_heads // group) + pid_hk).to(tl.int64) * num_key_blocks
+    last_row = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    for n in range(n_bottom, n_unmasked_top + 1):
+        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=offs_d[None, :] < head_dim, other=0.0)
+        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=offs_d[None, :] < head_dim, other=0.0)
+        base = (carry_f - total).to(tl.float32)
+        ns = (n * BLOCK_N) // STATE_N
+        at_boundary = (n * BLOCK_N) % STATE_N == 0
+        tl.store(STATE_BASE + row_slot + ns, base, mask=row_ok & at_boundary)
+        tl.store(STATE_P + row_slot + ns, carry_p, mask=row_ok & at_boundary)
+        weights, dz, sp_sum, g_sum = _bwd_block_terms(
+            q, do, k, v, n * BLOCK_N + offs_n, offs_m, stop, base, carry_p, drem_rem, scale2,
+            False, ATTEND_CURRENT, BLOCK_N, SCAN, PRECISION,
+        )
+        dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
+        carry_f += sp_sum.to(tl.float64)
+        carry_p += g_sum
+        # max is order-independent: the result is deterministic whatever the arrival order.
+        tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
+    for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
+        keys = n * BLOCK_N + offs_n
+        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
+        base = (carry_f - total).to(tl.float32)
+        ns = (n * BLOCK_N) // STATE_N
+        has_slot = row_ok & (ns <= offs_m // STATE_N) & ((n * BLOCK_N) % STATE_N == 0)
+        tl.store(STATE_BASE + row_slot + ns, base, mask=has_slot)
+        tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot)
+        weights, dz, sp_sum, g_sum = _bwd_block_terms(
+            q, do, k, v, keys, offs_m, stop, base, carry_p, drem_rem, scale2, True,
+            ATTEND_CURRENT, BLOCK_N, SCAN, PRECISION,
+        )
+        dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
+        carry_f += sp_sum.to(tl.float64)
+        carry_p += g_sum
+        tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
+    dq = dq * inv_temp
+    tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, part 2: dK and dV, key-major, each block recomputed from its stored boundary sums
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def sb_bwd_dkdv_kernel(
+    Q, K, V, DO, STOP, CU_SEQLENS, CU_STATES, DREM_REM, STATE_BASE, STATE_P, ROW_HI,
+    DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    T_dense, total_rows, state_total, num_kv_heads, group, head_dim, scale2, inv_temp,
+    num_key_blocks,
+    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    pid_b = pid_bhk // num_kv_heads
+    pid_hk = pid_bhk % num_kv_heads
+    row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen:
+        return
+    if IS_VARLEN:
+        tok = row0.to(tl.int64)
+        q_base = Q + tok * stride_qt
+        k_base = K + tok * stride_kt + pid_hk * stride_kh
+        v_base = V + tok * stride_vt + pid_hk * stride_vh
+        do_base = DO + tok * stride_dot
+        dk_base = DK + tok * stride_dkt + pid_hk * stride_dkh
+        dv_base = DV + tok * stride_dvt + pid_hk * stride_dvh
+        state_base = tl.load(CU_STATES + pid_b)
+    else:
+        bb = pid_b.to(tl.int64)
+        q_base = Q + bb * stride_qb
+        k_base = K + bb * stride_kb + pid_hk * stride_kh
+        v_base = V + bb * stride_vb + pid_hk * stride_vh
+        do_base = DO + bb * stride_dob
+        dk_base = DK + bb * stride_dkb + pid_hk * stride_dkh
+        dv_base = DV + bb * stride_dvb + pid_hk * stride_dvh
+        state_base = bb * tl.load(CU_STATES + 1)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mm = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    nd_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nd_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query tiles that can see this key block: from the one holding its first key (or the next
+    # row, without attend_current) to the one holding the last row whose walk reached it.
+    m_first = (start_n + 1 - ATTEND_CURRENT) // BLOCK_M
+    last_row = tl.load(ROW_HI + pid_bhk.to(tl.int64) * num_key_blocks + pid_n)
+    m_last = tl.where(last_row < 0, -1, last_row // BLOCK_M)
+    for hg in range(0, group):
+        pid_h = pid_hk * group + hg
+        q_head = q_base + pid_h * stride_qh
+        do_head = do_base + pid_h * stride_doh
+        aux_head = pid_h.to(tl.int64) * total_rows + row0
+        slot_head = pid_h.to(tl.int64) * state_total + state_base
+        for m in range(m_first, m_last + 1):
+            offs_m = m * BLOCK_M + offs_mm
+            row_ok = offs_m < seqlen
+            md_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+            q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
+            do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
+            drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
+            stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
+            # Rows before this key block (or not reaching it) read nothing: masked to 0 below.
+            seen = row_ok & (offs_m // BLOCK_N >= pid_n)
+            slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
+            base = tl.load(STATE_BASE + slot, mask=seen, other=0.0)
+            carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
+            stop = tl.where(seen, stop, 2147483647)
+            # The causal mask covers the diagonal; it costs a compare and a select per element,
+            # cheaper than a second loop for the few tiles that need it.
+            weights, dz, sp_sum, g_sum = _bwd_block_terms(
+                q, do, k, v, offs_n, offs_m, stop, base, carry_p, drem_rem, scale2, True,
+                ATTEND_CURRENT, BLOCK_N, SCAN, PRECISION,
+            )
+            dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
+            dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
+    dk = dk * inv_temp
+    tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)

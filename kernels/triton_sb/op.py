@@ -1,0 +1,280 @@
+"""Launching the Triton kernels, as ``torch.library`` custom ops with autograd.
+
+The forward and backward are custom ops (``sbbench::triton_sb_fwd`` / ``sbbench::triton_sb_bwd``)
+with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` of a model that calls
+``sb_attn`` keeps one graph. Launch parameters travel as one int list, in ``CONFIG_FIELDS`` order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import triton
+
+from sbbench.kernels.triton_sb import kernels
+
+LOG2E = 1.4426950408889634
+SKIP_OFF = -(10**6)  # skip_log2 at or below this disables block skipping
+
+# Order of the launch parameters in the int list the custom ops take.
+CONFIG_FIELDS = (
+    "fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_warps", "fwd_num_stages", "skip_log2", "skip_check_keys",
+    "scan", "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_num_warps", "bwd_num_stages",
+    "bwd_dkdv_BLOCK_M", "bwd_dkdv_BLOCK_N", "bwd_dkdv_num_warps", "bwd_dkdv_num_stages", "skip_checks",
+)
+SCAN_CODES = {"dot": 1, "cumsum": 0}
+
+
+def config_to_list(config: Mapping[str, Any]) -> list[int]:
+    values = []
+    for name in CONFIG_FIELDS:
+        value = config[name]
+        if name == "scan":
+            if value not in SCAN_CODES:
+                raise ValueError(f"config: scan must be one of {sorted(SCAN_CODES)}, got {value!r}")
+            value = SCAN_CODES[value]
+        elif name == "skip_log2" and value is None:
+            value = SKIP_OFF
+        values.append(int(value))
+    return values
+
+
+def _check_launch(cfg: list[int]) -> None:
+    fields = dict(zip(CONFIG_FIELDS, cfg))
+    for name in ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_dkdv_BLOCK_M", "bwd_dkdv_BLOCK_N"):
+        value = fields[name]
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"config: {name} must be a power of two >= 16 (tl.dot tiles), got {value}")
+    for name in ("fwd_num_warps", "bwd_num_warps", "bwd_dkdv_num_warps"):
+        if fields[name] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config: {name} must be 1, 2, 4, 8 or 16, got {fields[name]}")
+    for name in ("fwd_num_stages", "bwd_num_stages", "bwd_dkdv_num_stages"):
+        if fields[name] < 1:
+            raise ValueError(f"config: {name} must be at least 1, got {fields[name]}")
+    if fields["bwd_dkdv_BLOCK_N"] % fields["bwd_BLOCK_N"]:
+        raise ValueError(
+            f"config: bwd_dkdv_BLOCK_N ({fields['bwd_dkdv_BLOCK_N']}) must be a multiple of "
+            f"bwd_BLOCK_N ({fields['bwd_BLOCK_N']}): the dQ kernel stores boundary sums at its edges"
+        )
+    if not 1 <= fields["skip_checks"] <= 8:
+        raise ValueError(f"config: skip_checks must be 1..8, got {fields['skip_checks']}")
+    if fields["skip_check_keys"] < 1:
+        raise ValueError(f"config: skip_check_keys must be positive, got {fields['skip_check_keys']}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels take any batch/head/sequence strides but read head_dim contiguously, as every
+    # layout people use (including x.transpose(1, 2) of (B, T, H, D)) has it.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides3(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, token) strides; packed varlen has no batch axis."""
+    if varlen:
+        return 0, x.stride(1), x.stride(0)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rem_strides(rem: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    if varlen:  # (total, H)
+        return 0, rem.stride(1), rem.stride(0)
+    return rem.stride(0), rem.stride(1), rem.stride(2)
+
+
+def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int):
+    """(num sequences, heads, kv heads, dense T or 0, rows in the packed row space, longest seq)."""
+    if cu_seqlens is not None:
+        return cu_seqlens.shape[0] - 1, q.shape[1], k.shape[1], 0, q.shape[0], max_seqlen
+    b, h, t, _ = q.shape
+    return b, h, k.shape[1], t, b * t, t
+
+
+def _kernel_flags(q: torch.Tensor, scan_code: int) -> tuple[int, str]:
+    scan = 0 if scan_code == 0 else (1 if q.dtype == torch.bfloat16 else 2)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return scan, precision
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sbbench::triton_sb_fwd", mutates_args=())
+def triton_sb_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    inv_temp: float,
+    attend_current: bool,
+    max_seqlen: int,
+    cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (o, rem, log2 of 1/rem in float64, first visited key per row) for one call."""
+    _check_launch(cfg)
+    f = dict(zip(CONFIG_FIELDS, cfg))
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    varlen = cu_seqlens is not None
+    n_seq, heads, kv_heads, t_dense, rows, longest = _layout(q, k, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    rem = torch.empty(q.shape[:-1] if varlen else q.shape[:-1], dtype=q.dtype, device=q.device)
+    logrem = torch.empty((heads, rows), dtype=torch.float64, device=q.device)
+    stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
+    if rows == 0:
+        return o, rem, logrem, stop
+    scan, precision = _kernel_flags(q, f["scan"])
+    block_m, block_n = f["fwd_BLOCK_M"], f["fwd_BLOCK_N"]
+    skip = f["skip_log2"] > SKIP_OFF
+    grid = (triton.cdiv(longest, block_m), n_seq * heads)
+    kernels.sb_fwd_kernel[grid](
+        q, k, v, o, rem, logrem, stop, cu_seqlens if varlen else stop,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(o, varlen),
+        *_rem_strides(rem, varlen),
+        t_dense, rows, heads, heads // kv_heads, head_dim, inv_temp * LOG2E,
+        float(-f["skip_log2"]) if skip else 0.0,
+        ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, SKIP=skip,
+        SKIP_CHECK_TILES=max(1, f["skip_check_keys"] // block_n), SKIP_LEVELS=f["skip_checks"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), SCAN=scan, PRECISION=precision,
+        num_warps=f["fwd_num_warps"], num_stages=f["fwd_num_stages"],
+    )
+    return o, rem, logrem, stop
+
+
+@triton_sb_fwd.register_fake
+def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
+    rows = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[2]
+    heads = q.shape[1]
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(q.shape[:-1]),
+        q.new_empty((heads, rows), dtype=torch.float64),
+        q.new_empty((heads, rows), dtype=torch.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _state_slots(lengths: torch.Tensor, block_n: int) -> torch.Tensor:
+    """Boundary-state slots a sequence of each length needs: row i owns i // block_n + 1."""
+    full, part = lengths // block_n, lengths % block_n
+    return block_n * full * (full + 1) // 2 + part * (full + 1)
+
+
+@torch.library.custom_op("sbbench::triton_sb_bwd", mutates_args=())
+def triton_sb_bwd(
+    do: torch.Tensor,
+    drem: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    logrem: torch.Tensor,
+    stop: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor],
+    inv_temp: float,
+    attend_current: bool,
+    max_seqlen: int,
+    cfg: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_launch(cfg)
+    f = dict(zip(CONFIG_FIELDS, cfg))
+    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    varlen = cu_seqlens is not None
+    if drem is None:
+        drem = torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
+    n_seq, heads, kv_heads, t_dense, rows, longest = _layout(q, k, cu_seqlens, max_seqlen)
+    head_dim = q.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if rows == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    scan, precision = _kernel_flags(q, f["scan"])
+    block_m, block_n, state_n = f["bwd_BLOCK_M"], f["bwd_BLOCK_N"], f["bwd_dkdv_BLOCK_N"]
+    num_key_blocks = triton.cdiv(longest, state_n)
+
+    if varlen:
+        slots = _state_slots((cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64), state_n)
+        cu_states = torch.cat([slots.new_zeros(1), slots.cumsum(0)])
+        state_total = int(cu_states[-1])  # one host sync: the buffers' size
+    else:
+        per_seq = int(_state_slots(torch.tensor(t_dense), state_n))
+        cu_states = torch.tensor([0, per_seq], dtype=torch.int64, device=q.device)
+        state_total = n_seq * per_seq
+    state_base = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
+    state_p = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
+    drem_rem = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
+    # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
+    row_hi = torch.full((n_seq * kv_heads, num_key_blocks), -1, dtype=torch.int32, device=q.device)
+    cu = cu_seqlens if varlen else stop
+    common = dict(
+        ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, BLOCK_D=_block_d(head_dim), SCAN=scan,
+        PRECISION=precision,
+    )
+    scale2 = inv_temp * LOG2E
+    kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * heads)](
+        q, k, v, do, drem, logrem, stop, cu, cu_states, dq, drem_rem, state_base, state_p, row_hi,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
+        *_strides3(do, varlen), *_rem_strides(drem, varlen), *_strides3(dq, varlen),
+        t_dense, rows, state_total, heads, heads // kv_heads, head_dim, scale2, inv_temp,
+        num_key_blocks, BLOCK_M=block_m, BLOCK_N=block_n, STATE_N=state_n, num_warps=f["bwd_num_warps"],
+        num_stages=f["bwd_num_stages"], **common,
+    )
+    kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * kv_heads)](
+        q, k, v, do, stop, cu, cu_states, drem_rem, state_base, state_p, row_hi, dk, dv,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
+        *_strides3(dk, varlen), *_strides3(dv, varlen),
+        t_dense, rows, state_total, kv_heads, heads // kv_heads, head_dim, scale2, inv_temp,
+        num_key_blocks, BLOCK_M=f["bwd_dkdv_BLOCK_M"], BLOCK_N=state_n, num_warps=f["bwd_dkdv_num_warps"],
+        num_stages=f["bwd_dkdv_num_stages"], **common,
+    )
+    return dq, dk, dv
+
+
+@triton_sb_bwd.register_fake
+def _(do, drem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg = inputs
+    o, _rem, logrem, stop = output
+    ctx.save_for_backward(q, k, v, logrem, stop, cu_seqlens)
+    ctx.args = (inv_temp, attend_current, max_seqlen, cfg)
+
+
+def _backward(ctx, grad_o, grad_rem, _grad_logrem, _grad_stop):
+    q, k, v, logrem, stop, cu_seqlens = ctx.saved_tensors
+    inv_temp, attend_current, max_seqlen, cfg = ctx.args
+    if grad_o is None:
+        grad_o = torch.zeros_like(q)
+    dq, dk, dv = triton_sb_bwd(
+        grad_o, grad_rem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("sbbench::triton_sb_fwd", _backward, setup_context=_setup_context)
+
+
+def skipped_fraction_of(stop: torch.Tensor, cu_seqlens: Optional[torch.Tensor], t_dense: int, attend_current: bool) -> float:
+    """Fraction of the causal (row, key) pairs the forward skipped, from its per-row first key."""
+    heads, rows = stop.shape
+    if cu_seqlens is None:
+        positions = torch.arange(t_dense, device=stop.device).repeat(rows // t_dense)
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+        positions = torch.arange(rows, device=stop.device) - starts
+    visible = (positions + int(attend_current)).sum() * heads
+    skipped = stop.long().sum()
+    return float(skipped) / max(float(visible), 1.0)

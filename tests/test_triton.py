@@ -1,0 +1,152 @@
+"""The Triton backend against the float64 oracle.
+
+On a CPU these run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in
+float32 and float16 only: the interpreter's bf16 tl.dot is wrong (triton issue 11584). bf16 and
+the long sequences run on a GPU (marked ``gpu``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sbbench import sb_attn
+from sbbench.harness.cases import Case
+from sbbench.harness.inputs import make_inputs
+from sbbench.kernels.reference import reference
+from sbbench.kernels.triton_sb import DEFAULT_CONFIG, _skipped_fraction
+
+# Small tiles so short sequences cross many blocks, the diagonal and ragged edges.
+SMALL = {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16, "bwd_BLOCK_M": 16, "bwd_BLOCK_N": 16,
+         "bwd_dkdv_BLOCK_M": 16, "bwd_dkdv_BLOCK_N": 32}
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+
+
+def _inputs(shape_q, kv_heads, dtype, device, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape_k = shape_q[:-3] + (kv_heads,) + shape_q[-2:] if len(shape_q) == 4 else (shape_q[0], kv_heads, shape_q[2])
+    q = (scale * torch.randn(shape_q, generator=gen)).to(device, dtype)
+    k = (scale * torch.randn(shape_k, generator=gen)).to(device, dtype)
+    v = torch.randn(shape_k, generator=gen).to(device, dtype)
+    return q, k, v
+
+
+def _compare(q, k, v, attend_current, config, cu_seqlens=None, max_seqlen=None):
+    """Max abs error of o, rem, dq, dk, dv against reference in float64, scaled by the reference."""
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    inv_temp = 1 / math.sqrt(q.shape[-1])
+    o, rem = sb_attn(q, k, v, inv_temp, attend_current, backend="triton", cu_seqlens=cu_seqlens,
+                     max_seqlen=max_seqlen, config=config)
+    do, drem = torch.randn_like(o), torch.randn_like(rem)
+    grads = torch.autograd.grad((o * do).sum() + (rem * drem).sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    o64, rem64 = reference(q64, k64, v64, inv_temp, attend_current, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    grads64 = torch.autograd.grad((o64 * do.double()).sum() + (rem64 * drem.double()).sum(), (q64, k64, v64))
+    errors = {}
+    for name, mine, ref in zip(("o", "rem", "dq", "dk", "dv"), (o, rem, *grads), (o64, rem64, *grads64)):
+        assert torch.isfinite(mine).all(), f"{name} has NaN/Inf"
+        errors[name] = ((mine.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    return errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("attend_current", [False, True])
+def test_dense_gqa_ragged_tiles(dtype, attend_current, device):
+    # T=45: not a multiple of any tile; 4 query heads reading 2 kv heads; D=80 (not a power of 2).
+    q, k, v = _inputs((2, 4, 45, 80), 2, dtype, device)
+    errors = _compare(q, k, v, attend_current, SMALL)
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("attend_current", [False, True])
+def test_varlen_ragged_with_length_one(attend_current, device):
+    lengths = [23, 1, 40, 7]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    q, k, v = _inputs((sum(lengths), 4, 32), 1, torch.float32, device)
+    errors = _compare(q, k, v, attend_current, SMALL, cu_seqlens=cu, max_seqlen=max(lengths))
+    assert max(errors.values()) < TOL[torch.float32], errors
+
+
+def test_any_strides_transposed_input(device):
+    # (B, T, H, D) memory seen as (B, H, T, D) without a copy.
+    q, k, v = (x.transpose(1, 2) for x in _inputs((1, 37, 2, 16), 2, torch.float32, device)[:1] * 3)
+    q2, k2, v2 = _inputs((1, 2, 37, 16), 2, torch.float32, device, seed=3)
+    k, v = k2.transpose(1, 2).contiguous().transpose(1, 2), v2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    errors = _compare(q, k, v, False, SMALL)
+    assert max(errors.values()) < TOL[torch.float32], errors
+
+
+@pytest.mark.parametrize("scan", ["dot", "cumsum"])
+def test_block_skipping_bounded_and_consistent(scan, device):
+    """Peaked logits use the stick up within a few keys: the forward stops early, its error stays
+    under 2^skip_log2 * max|v|, and the gradients are those of what it computed."""
+    q, k, v = _inputs((1, 2, 160, 16), 2, torch.float32, device, scale=2.0)
+    config = {**SMALL, "skip_log2": -20, "skip_check_keys": 32, "skip_checks": 2, "scan": scan,
+              "bwd_BLOCK_N": 16, "bwd_dkdv_BLOCK_N": 64}
+    inv_temp = 1 / math.sqrt(16)
+    skipped = _skipped_fraction(q, k, v, inv_temp, False, config=config)
+    assert skipped > 0.3, skipped
+    o, rem = sb_attn(q, k, v, inv_temp, backend="triton", config=config)
+    o64, rem64 = reference(q.double(), k.double(), v.double(), inv_temp, False)
+    bound = 2.0**-20 * v.abs().max().item() + 1e-5
+    assert (o.double() - o64).abs().max().item() < bound
+    assert (rem.double() - rem64).abs().max().item() < 2.0**-20 + 1e-6
+    errors = _compare(q, k, v, False, config)
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_default_skip_invisible_in_float32(device):
+    q, k, v = _inputs((1, 2, 96, 16), 2, torch.float32, device, scale=2.0)
+    off = sb_attn(q, k, v, backend="triton", config={**SMALL, "skip_log2": None})
+    on = sb_attn(q, k, v, backend="triton", config={**SMALL, "skip_check_keys": 16})
+    assert _skipped_fraction(q, k, v, 0.25, False, config={**DEFAULT_CONFIG, **SMALL, "skip_check_keys": 16}) > 0
+    for a, b in zip(off, on):
+        assert (a - b).abs().max().item() <= 1e-7 * max(1.0, a.abs().max().item())
+
+
+def test_backward_is_deterministic(device):
+    q, k, v = (x.requires_grad_(True) for x in _inputs((1, 4, 70, 32), 2, torch.float32, device))
+    runs = []
+    for _ in range(2):
+        o, rem = sb_attn(q, k, v, backend="triton", config=SMALL)
+        runs.append(torch.autograd.grad(o.sum() + rem.sum(), (q, k, v)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_fullgraph(device):
+    """The kernel is a torch.library custom op: a compiled caller keeps one graph."""
+    q, k, v = (x.requires_grad_(True) for x in _inputs((1, 2, 33, 16), 2, torch.float32, device))
+
+    def model(q, k, v):
+        o, rem = sb_attn(q, k, v, backend="triton", config=SMALL)
+        return (o * 2).sum() + rem.sum()
+
+    backend = "inductor" if device == "cuda" else "aot_eager"  # CPU: the interpreter runs the op
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected = torch.autograd.grad(model(q, k, v), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_config_is_named():
+    q, k, v = _inputs((1, 1, 8, 16), 1, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="fwd_BLOCK_M"):
+        sb_attn(q, k, v, backend="triton", config={"fwd_BLOCK_M": 24})
+    with pytest.raises(ValueError, match="bwd_dkdv_BLOCK_N"):
+        sb_attn(q, k, v, backend="triton", config={"bwd_BLOCK_N": 64, "bwd_dkdv_BLOCK_N": 32})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", ["dense", "randn", "mixed", "peaked"])
+@pytest.mark.parametrize("seqlen,head_dim", [(4096, 128), (16384, 64)])
+def test_bf16_within_budget_on_gpu(regime, seqlen, head_dim):
+    from sbbench.harness.check import check_case
+
+    rows = check_case("triton", Case(1, 2, 2, seqlen, head_dim, "bfloat16"), regime, device="cuda", fa2=False)
+    failed = [(r["tensor"], r["err_max"], r["budget"]) for r in rows if not r["passed"]]
+    assert not failed, failed
