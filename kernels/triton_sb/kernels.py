@@ -10,8 +10,9 @@ are used directly. For one query row i and its keys j (nearest first)::
 Key blocks are walked from the diagonal leftwards; ``carry`` holds the suffix sum of the blocks
 already visited (the running log-stick). Within a block the suffix sum is a triangular matrix
 product on the tensor cores (``SCAN=1``: one fp16 product, enough for bf16 inputs; ``SCAN=2``:
-the value split into fp16 high and low parts, two products, ~2^-22 relative error, for fp16 and
-fp32 inputs) or ``tl.cumsum`` (``SCAN=0``). The scan, not the matmuls, is what makes
+the value split into fp16 high and low parts, two products, ~2^-22 relative error, for fp16
+inputs) or ``tl.cumsum`` (``SCAN=0``, always used for fp32 inputs: fp16's narrow exponent range
+turns small values subnormal, which float32's budget cannot absorb). The scan, not the matmuls, is what makes
 stick-breaking costlier than softmax (anchors.md), and a product with a constant 0/1 matrix is the
 cheapest scan Triton offers.
 
@@ -40,8 +41,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _softplus2(z2):
-    return tl.maximum(z2, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(z2)))
+def _softplus2(z2, ACCURATE: tl.constexpr):
+    """log2(1 + 2^z2). ACCURATE (float32 inputs) computes log2(1 + e) for small e = 2^-|z2| as
+    log2(u) * e / (u - 1) with u = 1 + e (Goldberg's log1p), since 1 + e drops most of e's bits:
+    at z = -8 plain log2(1 + e) is off by 3e-4 relative, which float32's budget cannot absorb."""
+    e = tl.exp2(-tl.abs(z2))
+    if ACCURATE:
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e * 1.4426950408889634, tl.log2(u) * (e / (u - 1.0)))
+    else:
+        lp = tl.log2(1.0 + e)
+    return tl.maximum(z2, 0.0) + lp
+
+
+@triton.jit
+def _row_sum64(x, ACCURATE: tl.constexpr):
+    """Row sums as float64. ACCURATE sums in float64, so the forward's total and the backward's
+    running sum agree whatever their key tiles (their difference is the stick right of a key)."""
+    if ACCURATE:
+        return tl.sum(x.to(tl.float64), 1)
+    else:
+        return tl.sum(x, 1).to(tl.float64)
 
 
 @triton.jit
@@ -98,7 +118,7 @@ def _fwd_block(
     acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seqlen, head_dim, scale2,
     stride_kt, stride_vt,
     MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     keys = start_n + offs_n
     if MASKED:
@@ -108,7 +128,7 @@ def _fwd_block(
     k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
-    sp2 = _softplus2(z2)
+    sp2 = _softplus2(z2, ACCURATE)
     if MASKED:
         if ATTEND_CURRENT:
             valid = keys[None, :] <= offs_m[:, None]
@@ -123,7 +143,7 @@ def _fwd_block(
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
     # float64 running log-stick: the backward rebuilds it from the left as total - prefix,
     # which needs the total exact (a [BLOCK_M] add per block, off the hot path).
-    carry = carry + tl.sum(sp2, 1).to(tl.float64)
+    carry = carry + _row_sum64(sp2, ACCURATE)
     return acc, carry
 
 
@@ -138,7 +158,7 @@ def sb_fwd_kernel(
     T_dense, total_rows, num_heads, group, head_dim, scale2, skip_threshold,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, SKIP: tl.constexpr,
     SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     # Heaviest query tiles (furthest from the sequence start) are launched first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -187,7 +207,7 @@ def sb_fwd_kernel(
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n, offs_d, seqlen,
             head_dim, scale2, stride_kt, stride_vt, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
-            PRECISION,
+            PRECISION, ACCURATE,
         )
 
     n_hi = n_unmasked_top
@@ -207,7 +227,7 @@ def sb_fwd_kernel(
                 acc, carry = _fwd_block(
                     acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
                     seqlen, head_dim, scale2, stride_kt, stride_vt, False, ATTEND_CURRENT,
-                    BLOCK_N, BLOCK_D, SCAN, PRECISION,
+                    BLOCK_N, BLOCK_D, SCAN, PRECISION, ACCURATE,
                 )
             n_hi = tl.where(live, n_lo - 1, n_hi)
             live = live & (tl.min(tl.where(row_ok, carry.to(tl.float32), float("inf")), 0) <= skip_threshold)
@@ -242,18 +262,19 @@ def sb_fwd_kernel(
 #
 # P is accumulated from the left, so no term is a difference of large sums (walking from the
 # diagonal would give P as <do, o> - suffix, which cancels catastrophically once the stick is
-# used up). The weights need the log-stick right of each key: total (from the forward, float64)
-# minus the prefix from the left (float64 per row), so that difference is exact too.
+# used up). The weights need the log-stick right of each block, r_right = total - (sum from the
+# left up to the block's right edge): formed in float64 per row, so it is exact to float32 of its
+# own size, and the weights inside the block then use the block's own suffix sums, as the
+# forward does.
 
 
 @triton.jit
-def _bwd_block_terms(
-    q, do, k, v, keys, offs_m, stop, base, carry_p, drem_rem, scale2,
-    CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, PRECISION: tl.constexpr,
+def _bwd_block_logits(
+    q, k, keys, offs_m, stop, scale2,
+    CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, PRECISION: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
-    """One block's weights and logit gradients, from per-row ``base`` = (prefix of sp2 left of the
-    block) - (total) and ``carry_p`` = P left of the block. Returns (A, dz, row sums of sp2, g)."""
+    """Logits of one block: (z2, softplus2 of all, softplus2 of valid entries, valid, row sums)."""
     valid = keys[None, :] >= stop[:, None]
     if CAUSAL:
         if ATTEND_CURRENT:
@@ -261,9 +282,20 @@ def _bwd_block_terms(
         else:
             valid = valid & (keys[None, :] < offs_m[:, None])
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
-    sp2_all = _softplus2(z2)
+    sp2_all = _softplus2(z2, ACCURATE)
     sp2 = tl.where(valid, sp2_all, 0.0)
-    weights = tl.where(valid, tl.exp2(z2 + base[:, None] + _scan_excl(sp2, BLOCK_N, SCAN, False)), 0.0)
+    return z2, sp2_all, sp2, valid, _row_sum64(sp2, ACCURATE)
+
+
+@triton.jit
+def _bwd_block_grads(
+    z2, sp2_all, sp2, valid, r_right, do, v, carry_p, drem_rem,
+    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Weights and logit gradients of one block, given per row the sum of sp2 right of it
+    (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g)."""
+    suffix = _scan_excl(sp2, BLOCK_N, SCAN, True)
+    weights = tl.where(valid, tl.exp2(z2 - sp2 - suffix - r_right[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     g = weights * dp
     p_excl = _scan_excl(g, BLOCK_N, SCAN, False) + carry_p[:, None]
@@ -271,13 +303,41 @@ def _bwd_block_terms(
     one_minus_beta = tl.exp2(-sp2_all)  # exact even where beta rounds to 1
     # g - beta (P_incl + drem rem) with P_incl = P_excl + g, regrouped so that no term cancels
     dz = tl.where(valid, g * one_minus_beta - beta * (p_excl + drem_rem[:, None]), 0.0)
-    return weights, dz, tl.sum(sp2, 1), tl.sum(g, 1)
+    return weights, dz, tl.sum(g, 1)
+
+
+@triton.jit
+def _dq_block(
+    dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
+    row_ok, row_slot, STATE_R, STATE_P, n_top,
+    CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
+    STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+):
+    keys = n * BLOCK_N + offs_n
+    ns = (n * BLOCK_N) // STATE_N
+    has_slot = row_ok & (ns <= offs_m // STATE_N)
+    # P left of a state block is stored at the block's left edge ...
+    tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
+    z2, sp2_all, sp2, valid, sp_sum = _bwd_block_logits(
+        q, k, keys, offs_m, stop, scale2, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE
+    )
+    carry_f += sp_sum
+    r_right = (total - carry_f).to(tl.float32)
+    weights, dz, g_sum = _bwd_block_grads(
+        z2, sp2_all, sp2, valid, r_right, do, v, carry_p, drem_rem, BLOCK_N, SCAN, PRECISION
+    )
+    dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
+    carry_p += g_sum
+    # ... and the stick right of it at its right edge (or where the walk ends).
+    at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
+    tl.store(STATE_R + row_slot + ns, r_right, mask=has_slot & at_right_edge)
+    return dq, carry_f, carry_p
 
 
 @triton.jit
 def sb_bwd_dq_kernel(
     Q, K, V, DO, DREM, LOGREM, STOP, CU_SEQLENS, CU_STATES,
-    DQ, DREM_REM, STATE_BASE, STATE_P, ROW_HI,
+    DQ, DREM_REM, STATE_R, STATE_P, ROW_HI,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -287,7 +347,7 @@ def sb_bwd_dq_kernel(
     T_dense, total_rows, state_total, num_heads, group, head_dim, scale2, inv_temp, num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
     # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
@@ -354,18 +414,11 @@ def sb_bwd_dq_kernel(
     for n in range(n_bottom, n_unmasked_top + 1):
         k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=offs_d[None, :] < head_dim, other=0.0)
         v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=offs_d[None, :] < head_dim, other=0.0)
-        base = (carry_f - total).to(tl.float32)
-        ns = (n * BLOCK_N) // STATE_N
-        at_boundary = (n * BLOCK_N) % STATE_N == 0
-        tl.store(STATE_BASE + row_slot + ns, base, mask=row_ok & at_boundary)
-        tl.store(STATE_P + row_slot + ns, carry_p, mask=row_ok & at_boundary)
-        weights, dz, sp_sum, g_sum = _bwd_block_terms(
-            q, do, k, v, n * BLOCK_N + offs_n, offs_m, stop, base, carry_p, drem_rem, scale2,
-            False, ATTEND_CURRENT, BLOCK_N, SCAN, PRECISION,
+        dq, carry_f, carry_p = _dq_block(
+            dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
+            row_ok, row_slot, STATE_R, STATE_P, n_top, False, ATTEND_CURRENT, BLOCK_N, STATE_N,
+            SCAN, PRECISION, ACCURATE,
         )
-        dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
-        carry_f += sp_sum.to(tl.float64)
-        carry_p += g_sum
         # max is order-independent: the result is deterministic whatever the arrival order.
         tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
@@ -373,18 +426,11 @@ def sb_bwd_dq_kernel(
         kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < head_dim)
         k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
-        base = (carry_f - total).to(tl.float32)
-        ns = (n * BLOCK_N) // STATE_N
-        has_slot = row_ok & (ns <= offs_m // STATE_N) & ((n * BLOCK_N) % STATE_N == 0)
-        tl.store(STATE_BASE + row_slot + ns, base, mask=has_slot)
-        tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot)
-        weights, dz, sp_sum, g_sum = _bwd_block_terms(
-            q, do, k, v, keys, offs_m, stop, base, carry_p, drem_rem, scale2, True,
-            ATTEND_CURRENT, BLOCK_N, SCAN, PRECISION,
+        dq, carry_f, carry_p = _dq_block(
+            dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
+            row_ok, row_slot, STATE_R, STATE_P, n_top, True, ATTEND_CURRENT, BLOCK_N, STATE_N,
+            SCAN, PRECISION, ACCURATE,
         )
-        dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
-        carry_f += sp_sum.to(tl.float64)
-        carry_p += g_sum
         tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
     dq = dq * inv_temp
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
@@ -397,7 +443,7 @@ def sb_bwd_dq_kernel(
 
 @triton.jit
 def sb_bwd_dkdv_kernel(
-    Q, K, V, DO, STOP, CU_SEQLENS, CU_STATES, DREM_REM, STATE_BASE, STATE_P, ROW_HI,
+    Q, K, V, DO, STOP, CU_SEQLENS, CU_STATES, DREM_REM, STATE_R, STATE_P, ROW_HI,
     DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -409,6 +455,7 @@ def sb_bwd_dkdv_kernel(
     num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -468,14 +515,16 @@ def sb_bwd_dkdv_kernel(
             # Rows before this key block (or not reaching it) read nothing: masked to 0 below.
             seen = row_ok & (offs_m // BLOCK_N >= pid_n)
             slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
-            base = tl.load(STATE_BASE + slot, mask=seen, other=0.0)
+            r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
             carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
             stop = tl.where(seen, stop, 2147483647)
             # The causal mask covers the diagonal; it costs a compare and a select per element,
             # cheaper than a second loop for the few tiles that need it.
-            weights, dz, sp_sum, g_sum = _bwd_block_terms(
-                q, do, k, v, offs_n, offs_m, stop, base, carry_p, drem_rem, scale2, True,
-                ATTEND_CURRENT, BLOCK_N, SCAN, PRECISION,
+            z2, sp2_all, sp2, valid, sp_sum = _bwd_block_logits(
+                q, k, offs_n, offs_m, stop, scale2, True, ATTEND_CURRENT, PRECISION, ACCURATE
+            )
+            weights, dz, g_sum = _bwd_block_grads(
+                z2, sp2_all, sp2, valid, r_right, do, v, carry_p, drem_rem, BLOCK_N, SCAN, PRECISION
             )
             dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
             dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)

@@ -90,10 +90,12 @@ def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor]
     return b, h, k.shape[1], t, b * t, t
 
 
-def _kernel_flags(q: torch.Tensor, scan_code: int) -> tuple[int, str]:
-    scan = 0 if scan_code == 0 else (1 if q.dtype == torch.bfloat16 else 2)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return scan, precision
+def _kernel_flags(q: torch.Tensor, scan_code: int) -> dict:
+    """Per-dtype arithmetic: float32 inputs get exact fp32 scans (tl.cumsum), IEEE fp32 dots
+    and an accurate softplus; fp16 a two-part fp16 scan; bf16 a one-part one (see kernels.py)."""
+    fp32 = q.dtype == torch.float32
+    scan = 0 if (scan_code == 0 or fp32) else (1 if q.dtype == torch.bfloat16 else 2)
+    return {"SCAN": scan, "PRECISION": "ieee" if fp32 else "tf32", "ACCURATE": fp32}
 
 
 def _block_d(head_dim: int) -> int:
@@ -129,7 +131,7 @@ def triton_sb_fwd(
     stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
     if rows == 0:
         return o, rem, logrem, stop
-    scan, precision = _kernel_flags(q, f["scan"])
+    flags = _kernel_flags(q, f["scan"])
     block_m, block_n = f["fwd_BLOCK_M"], f["fwd_BLOCK_N"]
     skip = f["skip_log2"] > SKIP_OFF
     grid = (triton.cdiv(longest, block_m), n_seq * heads)
@@ -141,7 +143,7 @@ def triton_sb_fwd(
         float(-f["skip_log2"]) if skip else 0.0,
         ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, SKIP=skip,
         SKIP_CHECK_TILES=max(1, f["skip_check_keys"] // block_n), SKIP_LEVELS=f["skip_checks"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), SCAN=scan, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), **flags,
         num_warps=f["fwd_num_warps"], num_stages=f["fwd_num_stages"],
     )
     return o, rem, logrem, stop
@@ -198,7 +200,7 @@ def triton_sb_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if rows == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    scan, precision = _kernel_flags(q, f["scan"])
+    flags = _kernel_flags(q, f["scan"])
     block_m, block_n, state_n = f["bwd_BLOCK_M"], f["bwd_BLOCK_N"], f["bwd_dkdv_BLOCK_N"]
     num_key_blocks = triton.cdiv(longest, state_n)
 
@@ -210,19 +212,18 @@ def triton_sb_bwd(
         per_seq = int(_state_slots(torch.tensor(t_dense), state_n))
         cu_states = torch.tensor([0, per_seq], dtype=torch.int64, device=q.device)
         state_total = n_seq * per_seq
-    state_base = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
+    state_r = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
     state_p = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
     # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
     row_hi = torch.full((n_seq * kv_heads, num_key_blocks), -1, dtype=torch.int32, device=q.device)
     cu = cu_seqlens if varlen else stop
     common = dict(
-        ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, BLOCK_D=_block_d(head_dim), SCAN=scan,
-        PRECISION=precision,
+        ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, BLOCK_D=_block_d(head_dim), **flags,
     )
     scale2 = inv_temp * LOG2E
     kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * heads)](
-        q, k, v, do, drem, logrem, stop, cu, cu_states, dq, drem_rem, state_base, state_p, row_hi,
+        q, k, v, do, drem, logrem, stop, cu, cu_states, dq, drem_rem, state_r, state_p, row_hi,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_rem_strides(drem, varlen), *_strides3(dq, varlen),
         t_dense, rows, state_total, heads, heads // kv_heads, head_dim, scale2, inv_temp,
@@ -230,7 +231,7 @@ def triton_sb_bwd(
         num_stages=f["bwd_num_stages"], **common,
     )
     kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * kv_heads)](
-        q, k, v, do, stop, cu, cu_states, drem_rem, state_base, state_p, row_hi, dk, dv,
+        q, k, v, do, stop, cu, cu_states, drem_rem, state_r, state_p, row_hi, dk, dv,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen),
         t_dense, rows, state_total, kv_heads, heads // kv_heads, head_dim, scale2, inv_temp,
