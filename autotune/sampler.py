@@ -1,0 +1,215 @@
+"""Search spaces and the sampler that never repeats a tried config.
+
+A backend's config space is small and categorical (block sizes, warps, stages, skip_log2), and a
+trial costs seconds of GPU time, so the tuner must never pay twice for the same config: not
+after a restart (a resumed TPE with the same seed would replay its random start-up draws), not
+when TPE's model keeps pointing at the best cell, and not in the grid. :class:`DedupSampler`
+wraps a model (TPE) and falls back to a random *untried* cell whenever the model proposes a
+config the study has already run, is running or has queued.
+
+``--sampler grid`` is the same wrapper with no model: every trial draws a random untried cell,
+which is what Optuna's ``GridSampler`` does, except that it also honours the enqueued default
+config, retries cells whose trial was interrupted by killing the tuner, and does not call
+``study.stop()`` (which raises outside ``study.optimize``) when the grid is exhausted.
+
+Trials are classified through their user attributes, which the tuner sets:
+``interrupted`` (the tuner was stopped mid-trial: the cell counts as untried) and ``duplicate_of``
+(a proposal that raced with another tuner and was not run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from sbbench.core.registry import Backend
+
+Space = dict[str, tuple[Any, ...]]
+ParamsKey = tuple[Any, ...]
+
+
+def pass_space(backend: Backend, pass_: str) -> Space:
+    """The choices of each parameter of one pass; the default value is always a choice, so the
+    default config can be enqueued as a trial like any other."""
+    space: Space = {}
+    for param in backend.params(pass_):  # type: ignore[arg-type]
+        choices = tuple(param.choices)
+        default = backend.default_config.get(param.name, choices[0] if choices else None)
+        if default not in choices:
+            choices = choices + (default,)
+        space[param.name] = choices
+    return space
+
+
+def default_params(backend: Backend, space: Space) -> dict[str, Any]:
+    return {name: backend.default_config.get(name, choices[0]) for name, choices in space.items()}
+
+
+def space_size(space: Space) -> int:
+    return math.prod(len(c) for c in space.values())
+
+
+def distributions(space: Space) -> dict[str, BaseDistribution]:
+    return {name: CategoricalDistribution(list(choices)) for name, choices in space.items()}
+
+
+def params_key(space: Space, params: Mapping[str, Any]) -> ParamsKey:
+    return tuple(params.get(name) for name in sorted(space))
+
+
+def trial_params(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's params; a queued trial's come from its fixed params."""
+    if trial.state == TrialState.WAITING:
+        return dict(trial.system_attrs.get("fixed_params", {}))
+    return dict(trial.params)
+
+
+def is_duplicate(trial: FrozenTrial) -> bool:
+    return trial.user_attrs.get("duplicate_of") is not None
+
+
+def is_interrupted(trial: FrozenTrial) -> bool:
+    return bool(trial.user_attrs.get("interrupted"))
+
+
+def counts_as_tried(trial: FrozenTrial) -> bool:
+    """Whether a trial's config must not be run again."""
+    if trial.state == TrialState.FAIL:
+        return not is_interrupted(trial)
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def taken_keys(space: Space, trials: Iterable[FrozenTrial], exclude_number: int | None = None) -> set[ParamsKey]:
+    return {
+        params_key(space, trial_params(t))
+        for t in trials
+        if t.number != exclude_number and counts_as_tried(t)
+    }
+
+
+def untried_count(space: Space, trials: Iterable[FrozenTrial]) -> int:
+    taken = {k for k in taken_keys(space, trials) if _in_space(space, k)}
+    return space_size(space) - len(taken)
+
+
+def _in_space(space: Space, key: ParamsKey) -> bool:
+    return all(v in space[name] for name, v in zip(sorted(space), key))
+
+
+def random_untried(space: Space, taken: set[ParamsKey], rng: random.Random) -> dict[str, Any] | None:
+    """A uniformly random cell not in ``taken``, or None when every cell is taken."""
+    names = sorted(space)
+    total = space_size(space)
+    if total <= 200_000:
+        free = [cell for cell in itertools.product(*(space[n] for n in names)) if cell not in taken]
+        return dict(zip(names, rng.choice(free))) if free else None
+    # A huge space is never exhausted by a tuning run: rejection sampling finds a free cell.
+    for _ in range(10_000):
+        cell = tuple(rng.choice(space[n]) for n in names)
+        if cell not in taken:
+            return dict(zip(names, cell))
+    return None
+
+
+def constraint_of(trial: FrozenTrial) -> Sequence[float]:
+    """``constraints_func`` for Optuna: the value the tuner stored in ``user_attrs['constraint']``
+    (err/budget - 1 of the worst tensor; <= 0 is within the numerics budget)."""
+    value = trial.user_attrs.get("constraint")
+    if value is None:
+        return (0.0,)  # not checked (--no-check): feasible as far as anyone knows
+    return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0 for v in constraint_of(trial))
+
+
+class DedupSampler(BaseSampler):
+    """Proposes only configs the study has not tried, running or queued.
+
+    ``inner`` is the model (TPE) or None for the exhaustive grid. Every parameter is sampled
+    jointly through ``sample_relative`` over the whole space (it is known up front), so a
+    complete proposal can be checked against the study before the trial starts.
+    """
+
+    def __init__(self, space: Space, inner: BaseSampler | None, seed: int | None = None, retries: int = 16) -> None:
+        self._space = dict(space)
+        self._dists = distributions(space)
+        self._inner = inner
+        self._rng = random.Random(seed)
+        self._retries = retries
+
+    @property
+    def inner(self) -> BaseSampler | None:
+        return self._inner
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return dict(self._dists)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if "fixed_params" in trial.system_attrs:
+            return {}  # an enqueued trial (the default config): its params are given
+        taken = taken_keys(self._space, study.get_trials(deepcopy=False), exclude_number=trial.number)
+        if self._inner is not None:
+            for _ in range(self._retries):
+                proposal = self._inner.sample_relative(study, trial, search_space)
+                if set(proposal) != set(self._space):
+                    break  # the model is still in its random start-up phase
+                if params_key(self._space, proposal) not in taken:
+                    return proposal
+        cell = random_untried(self._space, taken, self._rng)
+        # None: the space is exhausted; the tuner notices before asking, except in a race with
+        # another tuner, where it marks the repeat as a duplicate instead of running it.
+        return cell if cell is not None else {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        if self._inner is not None:
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+        choices = self._space.get(param_name) or tuple(param_distribution.choices)  # type: ignore[attr-defined]
+        return self._rng.choice(choices)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self._inner is not None:
+            self._inner.before_trial(study, trial)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        if self._inner is not None:
+            self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        if self._inner is not None:
+            self._inner.reseed_rng()
+
+
+def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10) -> DedupSampler:
+    """``tpe``: multivariate TPE that treats trials outside the numerics budget as infeasible;
+    ``grid``: every cell once, in random order."""
+    if kind == "grid":
+        return DedupSampler(space, None, seed=seed)
+    if kind != "tpe":
+        raise ValueError(f"--sampler: expected tpe or grid, got {kind!r}")
+    with warnings.catch_warnings():
+        # Optuna 5 prefers Trial.set_constraint, but optuna>=4.0 is supported and the
+        # constraints_func route (value kept in user_attrs) reads the same in both.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        tpe = optuna.samplers.TPESampler(
+            multivariate=True, constraints_func=constraint_of, seed=seed, n_startup_trials=startup_trials
+        )
+    return DedupSampler(space, tpe, seed=seed)
+

@@ -1,0 +1,164 @@
+"""Where studies live and how they are named: one Optuna study per tuned-config key.
+
+The key is design.md section 7's: device name, backend, pass, dtype, head dim, GQA group,
+attend_current and sequence-length bucket. Each key gets one study per sampler (``tpe`` or
+``grid``), named from the key so that a second ``sbbench tune`` with the same flags finds and
+resumes it. What a study was tuned on (the case, the regime, the config space, the versions) is
+kept in its user attributes, so ``sbbench export`` needs nothing but the storage.
+
+Storage is any Optuna RDB URL: by default a SQLite file in the user's cache directory;
+a PostgreSQL URL lets tuners on several machines share studies (Optuna's distributed mode).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from sbbench.core.config_loader import device_file_stem
+
+STUDY_PREFIX = "sbbench"
+STUDY_SCHEMA = 1
+SAMPLERS = ("tpe", "grid")
+PASSES = ("fwd", "bwd")
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sbbench``, else ``~/.cache/sbbench``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sbbench"
+
+
+def default_storage_url() -> str:
+    return f"sqlite:///{cache_dir() / 'tune.db'}"
+
+
+def default_export_dir() -> Path:
+    """The first ``$SBBENCH_CONFIG_DIR`` entry (where ``sb_attn`` looks first), else the cache."""
+    from sbbench.core.config_loader import ENV_VAR
+
+    entries = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    return Path(entries[0]) if entries else cache_dir() / "configs"
+
+
+def open_storage(url: str | None) -> Any:
+    """An Optuna RDB storage for ``url`` (default: the cache's SQLite file).
+
+    Raises ``ValueError`` naming ``--storage`` when the URL is not usable.
+    """
+    import optuna
+
+    url = url or default_storage_url()
+    if "://" not in url:
+        raise ValueError(f"--storage: expected a database URL such as sqlite:///path/tune.db or "
+                         f"postgresql://user:pass@host/db, got {url!r}")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            try:
+                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"--storage: cannot create the directory of {path}: {exc.strerror or exc}") from exc
+        # Several threads (one per GPU) and other tuners on this host share the file: wait for
+        # the lock instead of failing with "database is locked".
+        engine_kwargs["connect_args"] = {"timeout": 120}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as exc:
+        raise ValueError(f"--storage: the database driver for {url.split(':', 1)[0]} is not installed ({exc})") from exc
+    except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
+        raise ValueError(f"--storage: cannot open {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    """One tuned-config key (design.md section 7)."""
+
+    device: str
+    backend: str
+    pass_: str
+    dtype: str
+    head_dim: int
+    gqa_group: int
+    attend_current: bool
+    seqlen_bucket: int
+
+    def entry_key(self) -> dict[str, Any]:
+        """The ``key`` of a config file entry (sbbench.core.config_loader)."""
+        return {
+            "pass": self.pass_,
+            "dtype": self.dtype,
+            "head_dim": self.head_dim,
+            "gqa_group": self.gqa_group,
+            "attend_current": self.attend_current,
+            "seqlen_bucket": self.seqlen_bucket,
+        }
+
+    def study_name(self, sampler: str) -> str:
+        return "/".join(
+            [
+                STUDY_PREFIX,
+                device_file_stem(self.device),
+                self.backend,
+                self.pass_,
+                self.dtype,
+                f"d{self.head_dim}",
+                f"g{self.gqa_group}",
+                f"ac{int(self.attend_current)}",
+                f"T{self.seqlen_bucket}",
+                sampler,
+            ]
+        )
+
+    def label(self) -> str:
+        """Short text for tables and progress bars."""
+        ac = " ac" if self.attend_current else ""
+        return f"{self.backend} {self.pass_} {self.dtype} D{self.head_dim} g{self.gqa_group}{ac} T{self.seqlen_bucket}"
+
+    def to_attrs(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["pass"] = data.pop("pass_")
+        return data
+
+    @classmethod
+    def from_attrs(cls, data: Mapping[str, Any]) -> "TuneKey":
+        return cls(
+            device=str(data["device"]),
+            backend=str(data["backend"]),
+            pass_=str(data["pass"]),
+            dtype=str(data["dtype"]),
+            head_dim=int(data["head_dim"]),
+            gqa_group=int(data["gqa_group"]),
+            attend_current=bool(data["attend_current"]),
+            seqlen_bucket=int(data["seqlen_bucket"]),
+        )
+
+
+@dataclass(frozen=True)
+class StoredStudy:
+    """A study of this tuner found in a storage, with what it was tuned on."""
+
+    name: str
+    key: TuneKey
+    sampler: str
+    attrs: dict[str, Any]
+
+
+def list_studies(storage: Any, backend: str | None = None) -> list[StoredStudy]:
+    """Every sbbench study in ``storage`` (optionally of one backend), sorted by name."""
+    found = []
+    for frozen in storage.get_all_studies():
+        attrs = dict(frozen.user_attrs)
+        if not frozen.study_name.startswith(STUDY_PREFIX + "/") or attrs.get("sbbench_schema") != STUDY_SCHEMA:
+            continue
+        try:
+            key = TuneKey.from_attrs(attrs["key"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if backend is not None and key.backend != backend:
+            continue
+        found.append(StoredStudy(frozen.study_name, key, str(attrs.get("sampler")), attrs))
+    return sorted(found, key=lambda s: s.name)
