@@ -236,7 +236,7 @@ def sb_fwd_kernel(
             acc, carry = _fwd_block(
                 acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
                 seqlen, head_dim, scale2, stride_kt, stride_vt, False, ATTEND_CURRENT, BLOCK_N,
-                BLOCK_D, SCAN, PRECISION,
+                BLOCK_D, SCAN, PRECISION, ACCURATE,
             )
         n_hi = -1
     first_key = (n_hi + 1) * BLOCK_N
