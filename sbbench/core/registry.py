@@ -13,7 +13,6 @@ backend name is accepted; see :func:`get_backend`.
 from __future__ import annotations
 
 import importlib
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
@@ -148,7 +147,6 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_LOAD_LOCK = threading.Lock()
 _BUILTINS_LOADED = False
 
 
@@ -166,14 +164,13 @@ def register_backend(name: str, **spec: Any) -> Callable[[BackendFn], BackendFn]
 
 def _load_builtins() -> None:
     # Importing the kernels package registers the built-in backends. Done lazily so that
-    # `import sbbench` stays cheap and kernels can import the core without a cycle.
+    # `import sbbench` stays cheap and kernels can import the core without a cycle. No lock:
+    # Python's import lock already serialises the import, and a lock would break
+    # torch.compile(fullgraph=True) when a process's first sb_attn call is being traced.
     global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    with _LOAD_LOCK:
-        if not _BUILTINS_LOADED:
-            importlib.import_module("sbbench.kernels")
-            _BUILTINS_LOADED = True
+    if not _BUILTINS_LOADED:
+        importlib.import_module("sbbench.kernels")
+        _BUILTINS_LOADED = True
 
 
 def backend_names() -> list[str]:

@@ -58,11 +58,11 @@ _CPU_BENCH = {
     "batch": [1], "heads": [2], "head_dim": [32], "seqlens": [128, 256],
     "dtype": ["float32"], "regime": ["dense"], "mode": ["fwd", "fwdbwd"],
 }
-# The CPU check walks every key block (dense: nothing skippable) in float32, whose budget is
-# tight (err_pt ~ 1e-7 relative); other regimes are a flag away (--regime all).
+# The CPU check, in float32 (whose budget is tight: err_pt ~ 1e-7 relative): the worst case
+# for block skipping (dense) and the one where the stick runs out within a few keys (randn).
 _CPU_CHECK = {
     "batch": [1], "heads": [2], "head_dim": [32], "seqlens": [128],
-    "dtype": ["float32"], "regime": ["dense"], "mode": ["fwd", "bwd"],
+    "dtype": ["float32"], "regime": ["dense", "randn"], "mode": ["fwd", "bwd"],
 }
 DEFAULT_SHAPES = {
     ("cuda", "bench"): _GPU_BENCH, ("cuda", "tune"): _GPU_BENCH, ("cuda", "check"): _GPU_CHECK,
