@@ -147,6 +147,8 @@ def test_bad_config_is_named():
 def test_bf16_within_budget_on_gpu(regime, seqlen, head_dim):
     from sbbench.harness.check import check_case
 
-    rows = check_case("triton", Case(1, 2, 2, seqlen, head_dim, "bfloat16"), regime, device="cuda", fa2=False)
+    # One head at 16k: the float64 oracle materialises several T x T tensors (4 GiB each).
+    heads = 1 if seqlen > 8192 else 2
+    rows = check_case("triton", Case(1, heads, heads, seqlen, head_dim, "bfloat16"), regime, device="cuda", fa2=False)
     failed = [(r["tensor"], r["err_max"], r["budget"]) for r in rows if not r["passed"]]
     assert not failed, failed

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU runs of record, one stage per device call (each fits in a 10-minute call):
+#   bash scripts/gpu_session.sh setup check|bench|tune|grid|final
+# Results land in $OUT (copied by the lead into reports/<device>/). Needs the optuna wheels in
+# .whl/ (see ../shared/wheels) for the tune stages.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" .device
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+STORAGE="sqlite:///$PWD/.device/tune.db"
+for stage in "$@"; do
+  case "$stage" in
+    check)
+      # Issue 3: bf16 within budget at T up to 16384 in all four regimes (pytest, gpu marker),
+      # then the check of record for every GPU backend, with FlashAttention-2's error beside it.
+      python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
+      sbbench check --backends triton,chunked,compiled --batch 2 --heads 4 --kv-heads 4,2 --head-dim 64,128 \
+        --seqlens 1024,4096 --dtype bf16,fp16 --regime all --json "$OUT/check.json" 2>&1 | tail -12
+      sbbench check --backends triton --batch 1 --heads 1 --head-dim 128 --seqlens 16384 --dtype bf16 \
+        --regime all --json "$OUT/check_16k.json" 2>&1 | tail -14
+      ;;
+    bench)
+      # Issue 4's sweep (every backend, D=128) and issue 3's speed targets (D=64 H=24; randn
+      # with skipping; memory), one results file.
+      sbbench bench --backends fa2,triton,compiled,chunked --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
+        --seqlens 1024..16384 --dtype bf16 --regime dense --json "$OUT/bench_d128.json" 2>&1 | tail -45
+      sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 --heads 24 --head-dim 64 \
+        --seqlens 4096,8192,16384 --dtype bf16 --regime dense --json "$OUT/bench_d64.json" 2>&1 | tail -14
+      sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
+        --seqlens 4096,16384 --dtype bf16 --regime randn,mixed,peaked --json "$OUT/bench_regimes.json" 2>&1 | tail -20
+      ;;
+    memcheck)
+      python3 scripts/memory_by_hand.py 2>&1 | tee "$OUT/memory_by_hand.log"
+      ;;
+    tune)
+      timeout -s TERM 540 sbbench tune --backend triton --pass both --batch 4 --heads 12 --head-dim 128 \
+        --seqlens 2048..16384 --dtype bf16 --regime mixed --trials 12 --startup-trials 5 --timeout 500 \
+        --trial-timeout 90 --storage "$STORAGE" --json "$OUT/tune_tpe.json" --no-progress 2>&1 | tail -40
+      cp .device/tune.db "$OUT/tune.db"
+      ;;
+    *)
+      echo "unknown stage $stage"; exit 2;;
+  esac
+done
