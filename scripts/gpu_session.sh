@@ -19,7 +19,7 @@ for stage in "$@"; do
       # then the check of record for every GPU backend, with FlashAttention-2's error beside it.
       python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
       sbbench check --backends triton,chunked,compiled --batch 2 --heads 4 --kv-heads 4,2 --head-dim 64,128 \
-        --seqlens 1024,4096 --dtype bf16,fp16 --regime all --json "$OUT/check.json" 2>&1 | tail -12
+        --seqlens 1024,4096 --dtype bf16,fp16 --regime all --json "$OUT/check.json" 2>&1 | tail -4
       sbbench check --backends triton --batch 1 --heads 1 --head-dim 128 --seqlens 16384 --dtype bf16 \
         --regime all --json "$OUT/check_16k.json" 2>&1 | tail -14
       ;;
