@@ -37,9 +37,31 @@ for stage in "$@"; do
       python3 scripts/memory_by_hand.py 2>&1 | tee "$OUT/memory_by_hand.log"
       ;;
     tune)
-      timeout -s TERM 540 sbbench tune --backend triton --pass both --batch 4 --heads 12 --head-dim 128 \
-        --seqlens 2048..16384 --dtype bf16 --regime mixed --trials 12 --startup-trials 5 --timeout 500 \
-        --trial-timeout 90 --storage "$STORAGE" --json "$OUT/tune_tpe.json" --no-progress 2>&1 | tail -40
+      # Issue 5: TPE per key (D=64 and 128; T=4096 and 16384 buckets, which the nearest-bucket
+      # lookup extends to 2048..16384), fwd and bwd, mixed regime, over a space without the
+      # choices that cannot win on an H100 (16-wide tiles for D>=64, 2 warps).
+      timeout -s TERM 560 sbbench tune --backend triton --pass both --batch 4 --heads 12 --head-dim 128,64 \
+        --seqlens 4096,16384 --dtype bf16 --regime mixed --trials 12 --startup-trials 5 --timeout 520 \
+        --trial-timeout 60 --storage "$STORAGE" --json "$OUT/tune_tpe.json" --no-progress \
+        --space fwd_BLOCK_M=64,128 --space fwd_BLOCK_N=32,64,128 --space fwd_num_warps=4,8 \
+        --space fwd_num_stages=1,2,3 --space skip_check_keys=128,256,512,1024 --space skip_checks=1,2 \
+        --space skip_log2=-30,-24,-20 --space scan=dot \
+        --space bwd_BLOCK_M=32,64,128 --space bwd_BLOCK_N=16,32,64 --space bwd_num_warps=4,8 \
+        --space bwd_num_stages=1,2 --space bwd_dkdv_BLOCK_M=16,32,64 --space bwd_dkdv_BLOCK_N=64,128 \
+        --space bwd_dkdv_num_warps=4,8 --space bwd_dkdv_num_stages=1,2 2>&1 | tail -40
+      cp .device/tune.db "$OUT/tune.db"
+      ;;
+    grid)
+      # Issue 5: the exhaustive grid beside TPE on one key (D=128, T=8192, fwd) over 36 cells,
+      # then export every study's best feasible config.
+      S="--backend triton --pass fwd --batch 4 --heads 12 --head-dim 128 --seqlens 8192 --dtype bf16 --regime mixed \
+         --trial-timeout 60 --no-progress --storage $STORAGE --space fwd_BLOCK_M=64,128 --space fwd_BLOCK_N=32,64,128 \
+         --space fwd_num_warps=4,8 --space fwd_num_stages=1,2,3 --space skip_log2=-30 --space skip_check_keys=256 \
+         --space skip_checks=1 --space scan=dot"
+      timeout -s TERM 330 sbbench tune $S --sampler grid --timeout 320 --json "$OUT/tune_grid.json" 2>&1 | tail -6
+      timeout -s TERM 200 sbbench tune $S --sampler tpe --trials 18 --startup-trials 5 --timeout 190 \
+        --json "$OUT/tune_tpe36.json" 2>&1 | tail -12
+      sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -22
       cp .device/tune.db "$OUT/tune.db"
       ;;
     *)
