@@ -64,6 +64,14 @@ for stage in "$@"; do
       sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -22
       cp .device/tune.db "$OUT/tune.db"
       ;;
+    final)
+      # With the tuned configs shipped in sbbench/configs/: the mixed regime (what was tuned) and
+      # the dense speed targets, D=128 (H=12) and D=64 (H=24).
+      sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
+        --seqlens 2048,4096,8192,16384 --dtype bf16 --regime mixed,dense --json "$OUT/bench_tuned_d128.json" 2>&1 | tail -34
+      sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 --heads 24 --head-dim 64 \
+        --seqlens 4096,8192,16384 --dtype bf16 --regime dense --json "$OUT/bench_tuned_d64.json" 2>&1 | tail -14
+      ;;
     *)
       echo "unknown stage $stage"; exit 2;;
   esac
