@@ -5,6 +5,8 @@
 # .whl/ (see ../shared/wheels) for the tune stages.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# The device copy of the tree has no .git: name the commit for the result rows.
+export SBBENCH_GIT_COMMIT=${SBBENCH_GIT_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" .device
 if [ -d .whl ]; then

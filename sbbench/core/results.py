@@ -46,6 +46,9 @@ MATCH_COLUMNS = (
 
 @functools.lru_cache(maxsize=None)
 def _git_commit() -> str | None:
+    # A copy of the tree without .git (a CI artifact, a GPU host) can say its commit.
+    if os.environ.get("SBBENCH_GIT_COMMIT"):
+        return os.environ["SBBENCH_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
