@@ -374,3 +374,31 @@ def test_plugin_backend_receives_varlen(plugin_module):
 def test_bad_plugin_paths(plugin_module, path, exc):
     q, k, v = qkv()
     raises(exc, "backend", sbbench.sb_attn, q, k, v, backend=path)
+
+
+def test_config_loader_needs_only_the_standard_library(tmp_path):
+    """Another library can copy sbbench/core/config_loader.py alone: it must import and look up
+    configs in a process where torch (and sbbench) cannot be imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sbbench.core.config_loader as loader
+
+    copy = tmp_path / "config_loader.py"
+    copy.write_text(Path(loader.__file__).read_text())
+    entry = {"key": {"pass": "fwd", "dtype": "bfloat16", "head_dim": 128, "gqa_group": 1,
+                     "attend_current": False, "seqlen_bucket": 4096},
+             "config": {"fwd_BLOCK_M": 128}, "latency_ms": 1.0, "default_latency_ms": 1.2,
+             "speedup_over_default": 1.2}
+    loader.write_config_file(tmp_path / "cfg" / "GPU_X" / "triton.json",
+                             {"schema_version": loader.SCHEMA_VERSION, "entries": [entry]})
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.modules['sbbench'] = None\n"
+        "from config_loader import lookup_config\n"
+        f"print(lookup_config('GPU X', 'triton', pass_='fwd', dtype='bfloat16', head_dim=128, gqa_group=1, "
+        f"attend_current=False, seqlen=8192, search_path=[{str(tmp_path / 'cfg')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "'fwd_BLOCK_M': 128" in out.stdout
