@@ -81,13 +81,25 @@ def _extra_check(problem: AttnProblem) -> str | None:
     return None
 
 
-def _config_list(config, problem_dtype=None):
+def _config_list(config) -> list[int]:
+    # The custom ops take launch parameters as one int list (a schema torch.library accepts).
     from sbbench.kernels.triton_sb.op import config_to_list
 
     return config_to_list({**DEFAULT_CONFIG, **(config or {})})
 
 
-def triton_sb_attn(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max_seqlen=None, config=None):
+def triton_sb_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_temp: float,
+    attend_current: bool,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``triton`` backend: inputs already validated by ``sb_attn``."""
     from sbbench.kernels.triton_sb.op import triton_sb_fwd
 
     seqlen = max_seqlen if cu_seqlens is not None else q.shape[2]

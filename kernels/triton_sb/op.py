@@ -126,7 +126,7 @@ def triton_sb_fwd(
     n_seq, heads, kv_heads, t_dense, rows, longest = _layout(q, k, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    rem = torch.empty(q.shape[:-1] if varlen else q.shape[:-1], dtype=q.dtype, device=q.device)
+    rem = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)  # (B, H, T) or (total, H)
     logrem = torch.empty((heads, rows), dtype=torch.float64, device=q.device)
     stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
     if rows == 0:
