@@ -101,6 +101,25 @@ def _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head_base(PTR, row0, pid_b, head, stride_b, stride_h, stride_t, IS_VARLEN: tl.constexpr):
+    """Pointer to (sequence pid_b, head, first token) of a (B, H, T, ...) or packed (total, H, ...)
+    tensor: packed sequences start at their first row, dense ones at their batch offset."""
+    if IS_VARLEN:
+        return PTR + row0.to(tl.int64) * stride_t + head * stride_h
+    else:
+        return PTR + pid_b.to(tl.int64) * stride_b + head * stride_h
+
+
+@triton.jit
+def _state_base(CU_STATES, pid_b, IS_VARLEN: tl.constexpr):
+    """First boundary-state slot of sequence pid_b (dense: all sequences have the same count)."""
+    if IS_VARLEN:
+        return tl.load(CU_STATES + pid_b)
+    else:
+        return pid_b.to(tl.int64) * tl.load(CU_STATES + 1)
+
+
+@triton.jit
 def _state_offset(row, BLOCK_N: tl.constexpr):
     """Offset of row's first boundary state in its sequence's compact causal layout: row i owns
     i // BLOCK_N + 1 slots (the key blocks it can see)."""
@@ -170,18 +189,11 @@ def sb_fwd_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen:
         return
-    if IS_VARLEN:
-        q_base = Q + row0.to(tl.int64) * stride_qt + pid_h * stride_qh
-        k_base = K + row0.to(tl.int64) * stride_kt + pid_hk * stride_kh
-        v_base = V + row0.to(tl.int64) * stride_vt + pid_hk * stride_vh
-        o_base = O + row0.to(tl.int64) * stride_ot + pid_h * stride_oh
-        r_base = REM + row0.to(tl.int64) * stride_rt + pid_h * stride_rh
-    else:
-        q_base = Q + pid_b.to(tl.int64) * stride_qb + pid_h * stride_qh
-        k_base = K + pid_b.to(tl.int64) * stride_kb + pid_hk * stride_kh
-        v_base = V + pid_b.to(tl.int64) * stride_vb + pid_hk * stride_vh
-        o_base = O + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh
-        r_base = REM + pid_b.to(tl.int64) * stride_rb + pid_h * stride_rh
+    q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
+    k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
+    v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
+    o_base = _head_base(O, row0, pid_b, pid_h, stride_ob, stride_oh, stride_ot, IS_VARLEN)
+    r_base = _head_base(REM, row0, pid_b, pid_h, stride_rb, stride_rh, stride_rt, IS_VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -360,24 +372,13 @@ def sb_bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen:
         return
-    if IS_VARLEN:
-        tok = row0.to(tl.int64)
-        q_base = Q + tok * stride_qt + pid_h * stride_qh
-        k_base = K + tok * stride_kt + pid_hk * stride_kh
-        v_base = V + tok * stride_vt + pid_hk * stride_vh
-        do_base = DO + tok * stride_dot + pid_h * stride_doh
-        dr_base = DREM + tok * stride_drt + pid_h * stride_drh
-        dq_base = DQ + tok * stride_dqt + pid_h * stride_dqh
-        state_base = tl.load(CU_STATES + pid_b)
-    else:
-        bb = pid_b.to(tl.int64)
-        q_base = Q + bb * stride_qb + pid_h * stride_qh
-        k_base = K + bb * stride_kb + pid_hk * stride_kh
-        v_base = V + bb * stride_vb + pid_hk * stride_vh
-        do_base = DO + bb * stride_dob + pid_h * stride_doh
-        dr_base = DREM + bb * stride_drb + pid_h * stride_drh
-        dq_base = DQ + bb * stride_dqb + pid_h * stride_dqh
-        state_base = bb * tl.load(CU_STATES + 1)
+    q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
+    k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
+    v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
+    do_base = _head_base(DO, row0, pid_b, pid_h, stride_dob, stride_doh, stride_dot, IS_VARLEN)
+    dr_base = _head_base(DREM, row0, pid_b, pid_h, stride_drb, stride_drh, stride_drt, IS_VARLEN)
+    dq_base = _head_base(DQ, row0, pid_b, pid_h, stride_dqb, stride_dqh, stride_dqt, IS_VARLEN)
+    state_base = _state_base(CU_STATES, pid_b, IS_VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -465,24 +466,14 @@ def sb_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen:
         return
-    if IS_VARLEN:
-        tok = row0.to(tl.int64)
-        q_base = Q + tok * stride_qt
-        k_base = K + tok * stride_kt + pid_hk * stride_kh
-        v_base = V + tok * stride_vt + pid_hk * stride_vh
-        do_base = DO + tok * stride_dot
-        dk_base = DK + tok * stride_dkt + pid_hk * stride_dkh
-        dv_base = DV + tok * stride_dvt + pid_hk * stride_dvh
-        state_base = tl.load(CU_STATES + pid_b)
-    else:
-        bb = pid_b.to(tl.int64)
-        q_base = Q + bb * stride_qb
-        k_base = K + bb * stride_kb + pid_hk * stride_kh
-        v_base = V + bb * stride_vb + pid_hk * stride_vh
-        do_base = DO + bb * stride_dob
-        dk_base = DK + bb * stride_dkb + pid_hk * stride_dkh
-        dv_base = DV + bb * stride_dvb + pid_hk * stride_dvh
-        state_base = bb * tl.load(CU_STATES + 1)
+    # Query-side bases at head 0: the loop below adds each head of the group.
+    q_base = _head_base(Q, row0, pid_b, 0, stride_qb, stride_qh, stride_qt, IS_VARLEN)
+    k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
+    v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
+    do_base = _head_base(DO, row0, pid_b, 0, stride_dob, stride_doh, stride_dot, IS_VARLEN)
+    dk_base = _head_base(DK, row0, pid_b, pid_hk, stride_dkb, stride_dkh, stride_dkt, IS_VARLEN)
+    dv_base = _head_base(DV, row0, pid_b, pid_hk, stride_dvb, stride_dvh, stride_dvt, IS_VARLEN)
+    state_base = _state_base(CU_STATES, pid_b, IS_VARLEN)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_mm = tl.arange(0, BLOCK_M)
