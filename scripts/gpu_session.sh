@@ -35,6 +35,15 @@ for stage in "$@"; do
       sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
         --seqlens 4096,16384 --dtype bf16 --regime randn,mixed,peaked --json "$OUT/bench_regimes.json" 2>&1 | tail -20
       ;;
+    varlen)
+      # Packed varlen (ragged, one sequence of length 1) in bf16/fp16, and fp32 (IEEE dots,
+      # exact scans) on the GPU, after the pytest gpu marker.
+      python3 -m pytest -q -m gpu tests/ 2>&1 | tail -3
+      sbbench check --backends triton,chunked --varlen --batch 4 --heads 4 --kv-heads 2 --head-dim 64,128 \
+        --seqlens 2048 --dtype bf16,fp16 --regime all --json "$OUT/check_varlen.json" 2>&1 | tail -3
+      sbbench check --backends triton --batch 2 --heads 4 --kv-heads 2 --head-dim 80,128 --seqlens 1000 \
+        --dtype fp32 --regime all --json "$OUT/check_fp32.json" 2>&1 | tail -3
+      ;;
     memcheck)
       python3 scripts/memory_by_hand.py 2>&1 | tee "$OUT/memory_by_hand.log"
       ;;
