@@ -154,3 +154,16 @@ def test_bf16_within_budget_on_gpu(regime, seqlen, head_dim, batch, kv_heads):
     rows = check_case("triton", case, regime, device="cuda", fa2=False)
     failed = [(r["tensor"], r["err_max"], r["budget"]) for r in rows if not r["passed"]]
     assert not failed, failed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("regime", ["dense", "mixed"])
+def test_varlen_within_budget_on_gpu(dtype, regime):
+    """Packed varlen with GQA at D=128: where triton 3.6 miscompiled a 2-stage dK/dV kernel."""
+    from sbbench.harness.check import check_case
+
+    rows = check_case("triton", Case(4, 4, 2, 2048, 128, dtype, varlen=True), regime, device="cuda", fa2=False)
+    failed = [(r["tensor"], r["err_max"], r["budget"]) for r in rows if not r["passed"]]
+    assert not failed, failed
+

@@ -47,14 +47,15 @@ CONFIG_SPACE = (
 # skip_log2 = -30 moves float32 outputs of O(1) by under a tenth of an ulp; one skip check costs
 # nothing measurable (219 vs 220 TFLOP/s with skipping off) while each further one costs ~10%;
 # a dK/dV key tile of 64 keeps the boundary sums at T^2/128 floats (peak memory ~FA2's).
-# dK/dV query tile 32, not the slightly faster 16: on triton 3.6 / H100, BLOCK_M=16 with 2 stages
-# and 4 warps returns wrong dK at D=128 with GQA (scripts/gpu_dk_bisect.py; any one of 32 rows,
-# 1 stage or 8 warps is right). The tuner's numerics constraint rejects such configs.
+# The dK/dV kernel runs 1 software-pipelining stage by default: on triton 3.6 / H100 its 2-stage
+# build returned wrong dK (dv right) at D=128 twice, with a 16-row tile and GQA, and on packed
+# varlen fp16 with a 32-row tile (scripts/gpu_dk_bisect.py); 1 stage was right in every case.
+# The tuner may still choose 2 stages: its numerics constraint rejects a config that is wrong.
 DEFAULT_CONFIG = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 2,
     "skip_log2": -30, "skip_check_keys": 256, "skip_checks": 1, "scan": "dot",
     "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 32, "bwd_num_warps": 4, "bwd_num_stages": 2,
-    "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4, "bwd_dkdv_num_stages": 2,
+    "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4, "bwd_dkdv_num_stages": 1,
 }
 
 
