@@ -106,6 +106,29 @@ def peak_mem(fn, base_tensors):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def kernel_split(B, H, T, D, cfg=None):
+    """CUDA time per kernel (ms) of one fwd+bwd, default config, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = Case(B, H, H, T, D, "bfloat16")
+    x = make_inputs(case, "dense", device="cuda", requires_grad=True)
+    q, k, v = x["q"], x["k"], x["v"]
+    do = torch.randn_like(q)
+
+    def step():
+        o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(D), False, config={**DEFAULT_CONFIG, **(cfg or {})})
+        torch.autograd.backward((o, rem), (do, torch.ones_like(rem)))
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    return {ev.key.replace("sb_", "").replace("_kernel", ""): round(ev.device_time_total / 3e3, 3)
+            for ev in prof.key_averages() if ev.device_type.name == "CUDA" and "sb_" in ev.key}
+
+
 def main():
     t0 = time.time()
     # 1. correctness, bf16, all regimes
@@ -119,71 +142,57 @@ def main():
         print(name, " ".join(f"{t}:{e:.1e}/{p:.1e}{'' if fin else ' NaN!'}" for t, (e, p, fin) in row.items()))
     sys.stdout.flush()
 
-    # 2. timing variants at T=8192, D=128, dense
+    # 2. launch-config variants at T=8192, dense, D=128 (H=12) and D=64 (H=24)
     fwd_variants = [
-        {"skip_checks": 1}, {"skip_checks": 2}, {"skip_checks": 3}, {"skip_checks": 5}, {"skip_log2": None},
-        {"skip_checks": 1, "fwd_num_stages": 3}, {"skip_checks": 1, "fwd_num_stages": 1}, {"skip_checks": 1, "fwd_BLOCK_N": 32},
+        {}, {"fwd_BLOCK_N": 32}, {"fwd_BLOCK_N": 32, "fwd_num_stages": 3}, {"fwd_num_stages": 3},
+        {"fwd_BLOCK_M": 128, "fwd_num_warps": 8}, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 32, "fwd_num_warps": 8},
     ]
     bwd_variants = [
-        {"bwd_BLOCK_N": 32, "bwd_dkdv_BLOCK_N": 64}, {"bwd_BLOCK_N": 32, "bwd_dkdv_BLOCK_N": 32},
-        {"bwd_BLOCK_N": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_BLOCK_M": 32},
-        {"bwd_BLOCK_N": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_num_warps": 8},
-        {"bwd_BLOCK_N": 32, "bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_num_warps": 8},
-        {"bwd_BLOCK_N": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_BLOCK_M": 16},
-        {"bwd_BLOCK_N": 32, "bwd_BLOCK_M": 128, "bwd_num_warps": 8, "bwd_dkdv_BLOCK_N": 64},
-        {"bwd_BLOCK_N": 16, "bwd_dkdv_BLOCK_N": 32},
+        {}, {"bwd_BLOCK_N": 64}, {"bwd_BLOCK_M": 128, "bwd_num_warps": 8},
+        {"bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_num_warps": 8},
+        {"bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_BLOCK_M": 64, "bwd_dkdv_num_warps": 8},
+        {"bwd_dkdv_BLOCK_M": 64}, {"bwd_dkdv_num_stages": 2},
     ]
-    B, H, T, D = 4, 12, 8192, 128
-    fa = time_fa2(B, H, T, D)
-    results["fa2_8192"] = fa
-    table = [("fa2", "-", fa["fwd"], fa["fwdbwd"], "")]
-    results["fwd_variants"] = []
-    for cfg in fwd_variants:
-        r = time_case(B, H, T, D, "dense", cfg, modes=("fwd",))
-        results["fwd_variants"].append((cfg, r))
-        table.append(("fwd", json.dumps(cfg), r.get("fwd", 0), 0, r.get("error", "")))
-        print(table[-1], flush=True)
-    results["bwd_variants"] = []
-    for cfg in bwd_variants:
-        r = time_case(B, H, T, D, "dense", cfg, modes=("fwdbwd",))
-        results["bwd_variants"].append((cfg, r))
-        table.append(("bwd", json.dumps(cfg), 0, r.get("fwdbwd", 0), r.get("error", "")))
-        print(table[-1], flush=True)
-    # randn (skipping) at 16384 default config
-    r = time_case(B, H, 16384, D, "randn", {})
-    fa16 = time_fa2(B, H, 16384, D)
-    results["randn_16384"] = r
-    results["fa2_16384"] = fa16
-    table.append(("randn16k", "{}", r.get("fwd", 0), r.get("fwdbwd", 0), f"skipped={r.get('skipped')}"))
-    table.append(("fa2 16k", "", fa16["fwd"], fa16["fwdbwd"], ""))
-    # memory at 16384
-    q, k, v = (torch.randn(B, H, 16384, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    table = []
+    for B, H, D in ((4, 12, 128), (4, 24, 64)):
+        T = 8192
+        fa = time_fa2(B, H, T, D)
+        results[f"fa2_D{D}"] = fa
+        table.append((f"fa2 D{D}", "-", fa["fwd"], fa["fwdbwd"], ""))
+        for cfg in fwd_variants:
+            r = time_case(B, H, T, D, "dense", cfg, modes=("fwd",))
+            results.setdefault("fwd_variants", []).append((D, cfg, r))
+            table.append((f"fwd D{D}", json.dumps(cfg), r.get("fwd", 0), r.get("fwd", 0) / fa["fwd"], r.get("error", "")))
+            print(table[-1], flush=True)
+        for cfg in bwd_variants:
+            r = time_case(B, H, T, D, "dense", cfg, modes=("fwdbwd",))
+            results.setdefault("bwd_variants", []).append((D, cfg, r))
+            table.append((f"f+b D{D}", json.dumps(cfg), r.get("fwdbwd", 0), r.get("fwdbwd", 0) / fa["fwdbwd"], r.get("error", "")))
+            print(table[-1], flush=True)
+        results.setdefault("kernel_ms", {})[D] = kernel_split(B, H, T, D)
+        table.append((f"ms D{D}", json.dumps(results["kernel_ms"][D]), 0, 0, "per kernel, default config"))
+    # 3. peak memory at T=16384, D=64 H=24, for the dK/dV key tiles
+    B, H, T, D = 4, 24, 16384, 64
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
-
-    def sb_fb():
-        o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(D), False, config=DEFAULT_CONFIG)
-        torch.autograd.backward((o, rem), (do, torch.ones_like(rem)))
-
-    q.grad = k.grad = v.grad = None
-    m_sb = peak_mem(sb_fb, (q, k, v))
     q.grad = k.grad = v.grad = None
     m_fa = peak_mem(lambda: sdpa_flash(q, k, v).backward(do), (q, k, v))
-    results["mem16k_mib"] = {"triton": m_sb, "fa2": m_fa}
-    table.append(("mem16k MiB", "", m_sb, m_fa, "triton vs fa2"))
-    # compile check
-    try:
-        f = torch.compile(lambda a, b, c: triton_sb_attn(a, b, c, 0.1, False, config=DEFAULT_CONFIG)[0].sum(), fullgraph=True)
-        qq = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        f(qq, qq, qq).backward()
-        results["compile_fullgraph"] = "ok"
-    except Exception as exc:
-        results["compile_fullgraph"] = repr(exc)[:300]
+    table.append(("mem16k D64", "fa2", m_fa, 1.0, "MiB"))
+    for cfg in ({}, {"bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_num_warps": 8}):
+        def sb_fb():
+            o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(D), False, config={**DEFAULT_CONFIG, **cfg})
+            torch.autograd.backward((o, rem), (do, torch.ones_like(rem)))
+
+        q.grad = k.grad = v.grad = None
+        m_sb = peak_mem(sb_fb, (q, k, v))
+        results.setdefault("mem16k_d64_mib", []).append((cfg, m_sb, m_fa))
+        table.append(("mem16k D64", json.dumps(cfg), m_sb, m_sb / m_fa, "MiB"))
     with open(os.path.join(OUT, "probe.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
-    print("\ncompile:", results["compile_fullgraph"], " total %.0fs" % (time.time() - t0))
-    print(f"{'what':10} {'config':70} {'fwd TF/s':>9} {'f+b TF/s':>9}")
+    print("total %.0fs" % (time.time() - t0))
+    print(f"{'what':11} {'config':78} {'TF/s|MiB':>9} {'vs fa2':>7}")
     for what, cfg, f1, f2, note in table:
-        print(f"{what:10} {cfg:70} {f1:9.1f} {f2:9.1f} {note}")
+        print(f"{what:11} {cfg:78} {f1:9.1f} {f2:7.3f} {note}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,28 @@ def test_block_skipping_bounded_and_consistent(scan, device):
     assert max(errors.values()) < 1e-4, errors
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_skipping_with_gqa_reads_no_unwritten_state(dtype, device):
+    """Rows whose walk stopped right of a key block have no boundary sums for it, yet the dK/dV
+    kernel visits them when another query head of the same kv head walked further. With
+    torch.empty filling NaN (deterministic mode), reading those sums turns dK/dV into NaN."""
+    q, k, v = _inputs((2, 4, 160, 16), 2, dtype, device, scale=2.0)
+    # Heads 0 and 2 see logits around -8 and walk every key; heads 1 and 3 stop early.
+    k += 1.0
+    q[:, 0::2] = -2.0
+    config = {**SMALL, "skip_log2": -20, "skip_check_keys": 32, "skip_checks": 2}
+    assert _skipped_fraction(q, k, v, 0.25, False, config={**DEFAULT_CONFIG, **config}) > 0.1
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        errors = _compare(q, k, v, False, config)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert max(errors.values()) < TOL[dtype], errors
+
+
 def test_default_skip_invisible_in_float32(device):
     q, k, v = _inputs((1, 2, 96, 16), 2, torch.float32, device, scale=2.0)
     off = sb_attn(q, k, v, backend="triton", config={**SMALL, "skip_log2": None})

@@ -40,18 +40,36 @@ import triton
 import triton.language as tl
 
 
+# Logit (base 2) given to masked entries: 2^-1000 is 0 in float32, so a masked entry's softplus,
+# weight, sigmoid and gradient all come out exactly 0 from the unmasked arithmetic: one select on
+# the logits instead of one on each of those.
+MASKED_LOGIT2: tl.constexpr = tl.constexpr(-1000.0)
+
+
 @triton.jit
 def _softplus2(z2, ACCURATE: tl.constexpr):
-    """log2(1 + 2^z2). ACCURATE (float32 inputs) computes log2(1 + e) for small e = 2^-|z2| as
-    log2(u) * e / (u - 1) with u = 1 + e (Goldberg's log1p), since 1 + e drops most of e's bits:
-    at z = -8 plain log2(1 + e) is off by 3e-4 relative, which float32's budget cannot absorb."""
+    """(log2(1 + 2^z2), 2^-|z2|). ACCURATE (float32 inputs) computes log2(1 + e) for small
+    e = 2^-|z2| as log2(u) * e / (u - 1) with u = 1 + e (Goldberg's log1p), since 1 + e drops
+    most of e's bits: at z = -8 plain log2(1 + e) is off by 3e-4 relative, which float32's budget
+    cannot absorb. Otherwise (fp16/bf16 inputs) log2(1 + e) = e * p(e), p a degree-6 polynomial
+    (relative error 1.5e-6, exact in the limit e -> 0): ``tl.log2`` is not the special-function
+    unit's lg2 but a libdevice routine of ~25 instructions, and it alone cost the H100 forward a
+    third of its time (scripts/gpu_fwd_ablation.py: 0.66x -> 0.91x FlashAttention-2 at D=128).
+    Returns e too: the backward forms sigmoid(z) and 1 - sigmoid(z) from it."""
     e = tl.exp2(-tl.abs(z2))
     if ACCURATE:
         u = 1.0 + e
         lp = tl.where(u == 1.0, e * 1.4426950408889634, tl.log2(u) * (e / (u - 1.0)))
     else:
-        lp = tl.log2(1.0 + e)
-    return tl.maximum(z2, 0.0) + lp
+        # Least-squares fit of log2(1 + e) / e on [0, 1], weighted for relative error.
+        p = 0.019929474 * e - 0.094360754
+        p = p * e + 0.21363747
+        p = p * e - 0.33821434
+        p = p * e + 0.4774568
+        p = p * e - 0.7211405
+        p = p * e + 1.4426929
+        lp = e * p
+    return tl.maximum(z2, 0.0) + lp, e
 
 
 @triton.jit
@@ -65,21 +83,32 @@ def _row_sum64(x, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def _scan_excl(x, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, REVERSE: tl.constexpr):
+def _scan_matrix(BLOCK_N: tl.constexpr, REVERSE: tl.constexpr):
+    """The 0/1 matrix whose product with a row vector is its exclusive suffix (REVERSE) or prefix
+    sum. Built once per program, outside the key loop, and passed to ``_scan_excl``."""
+    idx = tl.arange(0, BLOCK_N)
+    if REVERSE:
+        return (idx[:, None] > idx[None, :]).to(tl.float16)
+    else:
+        return (idx[:, None] < idx[None, :]).to(tl.float16)
+
+
+@triton.jit
+def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.constexpr):
     """Exclusive running sum of x (fp32, [BLOCK_M, BLOCK_N]) along its key axis: of the entries
-    right of each one when REVERSE (suffix), else of those left of it (prefix). Exclusive, so an
-    entry's own value never passes through the fp16 rounding of the matrix-product scan: a key
-    with a saturated sigmoid (beta ~ 1) would otherwise lose its gradient to that rounding."""
+    right of each one when REVERSE (suffix), else of those left of it (prefix); ``tri`` is
+    ``_scan_matrix(BLOCK_N, REVERSE)``. Exclusive, so an entry's own value never passes through
+    the fp16 rounding of the matrix-product scan: a key with a saturated sigmoid (beta ~ 1) would
+    otherwise lose its gradient to that rounding. NONNEG: x >= 0, so one clamp is enough."""
     if SCAN == 0:
         return tl.cumsum(x, axis=1, reverse=REVERSE) - x
     else:
-        idx = tl.arange(0, BLOCK_N)
-        if REVERSE:
-            tri = (idx[:, None] > idx[None, :]).to(tl.float16)
+        # fp16 holds +-65504 (beyond, inf * 0 = NaN in the product); values that large only
+        # arise where the weights are 0 anyway.
+        if NONNEG:
+            x = tl.minimum(x, 30000.0)
         else:
-            tri = (idx[:, None] < idx[None, :]).to(tl.float16)
-        # fp16 holds +-65504; values that large only arise where the weights are 0 anyway.
-        x = tl.minimum(tl.maximum(x, -30000.0), 30000.0)
+            x = tl.minimum(tl.maximum(x, -30000.0), 30000.0)
         hi = x.to(tl.float16)
         s = tl.dot(hi, tri)
         if SCAN == 2:
@@ -134,31 +163,29 @@ def _state_offset(row, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _fwd_block(
-    acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seqlen, head_dim, scale2,
-    stride_kt, stride_vt,
+    acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seqlen, HEAD_DIM: tl.constexpr, scale2,
+    stride_kt, stride_vt, tri_suffix,
     MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     keys = start_n + offs_n
     if MASKED:
-        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     else:
-        kv_mask = offs_d[None, :] < head_dim
+        kv_mask = offs_d[None, :] < HEAD_DIM
     k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
-    sp2 = _softplus2(z2, ACCURATE)
     if MASKED:
         if ATTEND_CURRENT:
             valid = keys[None, :] <= offs_m[:, None]
         else:
             valid = keys[None, :] < offs_m[:, None]
-        sp2 = tl.where(valid, sp2, 0.0)
+        z2 = tl.where(valid, z2, MASKED_LOGIT2)
+    sp2, _ = _softplus2(z2, ACCURATE)
     # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry
-    suffix = _scan_excl(sp2, BLOCK_N, SCAN, True)
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
     weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
-    if MASKED:
-        weights = tl.where(valid, weights, 0.0)
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
     # float64 running log-stick: the backward rebuilds it from the left as total - prefix,
     # which needs the total exact (a [BLOCK_M] add per block, off the hot path).
@@ -174,7 +201,7 @@ def sb_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_rb, stride_rh, stride_rt,
-    T_dense, total_rows, num_heads, group, head_dim, scale2, skip_threshold,
+    T_dense, total_rows, num_heads, group, HEAD_DIM: tl.constexpr, scale2, skip_threshold,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, SKIP: tl.constexpr,
     SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
@@ -201,11 +228,12 @@ def sb_fwd_kernel(
     row_ok = offs_m < seqlen
     q = tl.load(
         q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
-        mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
     k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
 
+    tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry = tl.zeros([BLOCK_M], dtype=tl.float64)
 
@@ -218,7 +246,7 @@ def sb_fwd_kernel(
     for t in range(0, n_top - n_unmasked_top):
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n, offs_d, seqlen,
-            head_dim, scale2, stride_kt, stride_vt, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
+            HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
             PRECISION, ACCURATE,
         )
 
@@ -238,7 +266,7 @@ def sb_fwd_kernel(
             for t in range(0, trips):
                 acc, carry = _fwd_block(
                     acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
-                    seqlen, head_dim, scale2, stride_kt, stride_vt, False, ATTEND_CURRENT,
+                    seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT,
                     BLOCK_N, BLOCK_D, SCAN, PRECISION, ACCURATE,
                 )
             n_hi = tl.where(live, n_lo - 1, n_hi)
@@ -247,7 +275,7 @@ def sb_fwd_kernel(
         for t in range(0, n_hi + 1):
             acc, carry = _fwd_block(
                 acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
-                seqlen, head_dim, scale2, stride_kt, stride_vt, False, ATTEND_CURRENT, BLOCK_N,
+                seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
                 BLOCK_D, SCAN, PRECISION, ACCURATE,
             )
         n_hi = -1
@@ -256,7 +284,7 @@ def sb_fwd_kernel(
     tl.store(
         o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
         acc.to(O.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
     tl.store(r_base + offs_m * stride_rt, tl.exp2(-carry.to(tl.float32)).to(REM.dtype.element_ty), mask=row_ok)
     aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
@@ -286,42 +314,48 @@ def _bwd_block_logits(
     CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr,
 ):
-    """Logits of one block: (z2, softplus2 of all, softplus2 of valid entries, valid, row sums)."""
+    """Logits of one block: (z2, softplus2, 2^-|z2|, row sums of softplus2), masked entries
+    set to MASKED_LOGIT2."""
     valid = keys[None, :] >= stop[:, None]
     if CAUSAL:
         if ATTEND_CURRENT:
             valid = valid & (keys[None, :] <= offs_m[:, None])
         else:
             valid = valid & (keys[None, :] < offs_m[:, None])
-    z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
-    sp2_all = _softplus2(z2, ACCURATE)
-    sp2 = tl.where(valid, sp2_all, 0.0)
-    return z2, sp2_all, sp2, valid, _row_sum64(sp2, ACCURATE)
+    z2 = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2, MASKED_LOGIT2)
+    sp2, e = _softplus2(z2, ACCURATE)
+    return z2, sp2, e, _row_sum64(sp2, ACCURATE)
 
 
 @triton.jit
 def _bwd_block_grads(
-    z2, sp2_all, sp2, valid, r_right, do, v, carry_p, drem_rem,
-    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Weights and logit gradients of one block, given per row the sum of sp2 right of it
-    (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g)."""
-    suffix = _scan_excl(sp2, BLOCK_N, SCAN, True)
-    weights = tl.where(valid, tl.exp2(z2 - sp2 - suffix - r_right[:, None]), 0.0)
+    (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g). Masked entries
+    (z2 = MASKED_LOGIT2) come out as A = g = dz = 0 from the arithmetic itself."""
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
+    weights = tl.exp2(z2 - sp2 - suffix - r_right[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     g = weights * dp
-    p_excl = _scan_excl(g, BLOCK_N, SCAN, False) + carry_p[:, None]
-    beta = tl.exp2(z2 - sp2_all)  # sigmoid(z), from the softplus already computed
-    one_minus_beta = tl.exp2(-sp2_all)  # exact even where beta rounds to 1
+    p_excl = _scan_excl(g, tri_prefix, SCAN, False, False) + carry_p[:, None]
+    # sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal (instead of two more
+    # exponentials): 1/(1+e) is the larger of the two, e/(1+e) the smaller, each to a few ulps
+    # even where the other rounds to 1.
+    big = 1.0 / (1.0 + e)
+    small = e * big
+    beta = tl.where(z2 >= 0, big, small)
+    one_minus_beta = tl.where(z2 >= 0, small, big)
     # g - beta (P_incl + drem rem) with P_incl = P_excl + g, regrouped so that no term cancels
-    dz = tl.where(valid, g * one_minus_beta - beta * (p_excl + drem_rem[:, None]), 0.0)
+    dz = g * one_minus_beta - beta * (p_excl + drem_rem[:, None])
     return weights, dz, tl.sum(g, 1)
 
 
 @triton.jit
 def _dq_block(
     dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
-    row_ok, row_slot, STATE_R, STATE_P, n_top,
+    row_ok, row_slot, STATE_R, STATE_P, n_top, tri_suffix, tri_prefix,
     CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
     STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
@@ -330,13 +364,13 @@ def _dq_block(
     has_slot = row_ok & (ns <= offs_m // STATE_N)
     # P left of a state block is stored at the block's left edge ...
     tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
-    z2, sp2_all, sp2, valid, sp_sum = _bwd_block_logits(
+    z2, sp2, e, sp_sum = _bwd_block_logits(
         q, k, keys, offs_m, stop, scale2, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE
     )
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
     weights, dz, g_sum = _bwd_block_grads(
-        z2, sp2_all, sp2, valid, r_right, do, v, carry_p, drem_rem, BLOCK_N, SCAN, PRECISION
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION,
     )
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += g_sum
@@ -356,7 +390,7 @@ def sb_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_drb, stride_drh, stride_drt,
     stride_dqb, stride_dqh, stride_dqt,
-    T_dense, total_rows, state_total, num_heads, group, head_dim, scale2, inv_temp, num_key_blocks,
+    T_dense, total_rows, state_total, num_heads, group, HEAD_DIM: tl.constexpr, scale2, inv_temp, num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
     PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
@@ -384,7 +418,7 @@ def sb_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen
-    md_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
     drem = tl.load(dr_base + offs_m * stride_drt, mask=row_ok, other=0.0).to(tl.float32)
@@ -407,29 +441,31 @@ def sb_bwd_dq_kernel(
 
     k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+    tri_suffix = _scan_matrix(BLOCK_N, True)
+    tri_prefix = _scan_matrix(BLOCK_N, False)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry_f = tl.zeros([BLOCK_M], dtype=tl.float64)  # sp2 summed over blocks left of n
     carry_p = tl.zeros([BLOCK_M], dtype=tl.float32)  # g summed over blocks left of n
     row_hi = ROW_HI + (pid_b * (num_heads // group) + pid_hk).to(tl.int64) * num_key_blocks
     last_row = tl.minimum(start_m + BLOCK_M, seqlen) - 1
     for n in range(n_bottom, n_unmasked_top + 1):
-        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=offs_d[None, :] < head_dim, other=0.0)
-        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=offs_d[None, :] < head_dim, other=0.0)
+        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
-            row_ok, row_slot, STATE_R, STATE_P, n_top, False, ATTEND_CURRENT, BLOCK_N, STATE_N,
+            row_ok, row_slot, STATE_R, STATE_P, n_top, tri_suffix, tri_prefix, False, ATTEND_CURRENT, BLOCK_N, STATE_N,
             SCAN, PRECISION, ACCURATE,
         )
         # max is order-independent: the result is deterministic whatever the arrival order.
         tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
         keys = n * BLOCK_N + offs_n
-        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
-            row_ok, row_slot, STATE_R, STATE_P, n_top, True, ATTEND_CURRENT, BLOCK_N, STATE_N,
+            row_ok, row_slot, STATE_R, STATE_P, n_top, tri_suffix, tri_prefix, True, ATTEND_CURRENT, BLOCK_N, STATE_N,
             SCAN, PRECISION, ACCURATE,
         )
         tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
@@ -452,7 +488,7 @@ def sb_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    T_dense, total_rows, state_total, num_kv_heads, group, head_dim, scale2, inv_temp,
+    T_dense, total_rows, state_total, num_kv_heads, group, HEAD_DIM: tl.constexpr, scale2, inv_temp,
     num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
@@ -478,9 +514,11 @@ def sb_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_mm = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    nd_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    nd_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nd_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nd_mask, other=0.0)
+    tri_suffix = _scan_matrix(BLOCK_N, True)
+    tri_prefix = _scan_matrix(BLOCK_N, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -498,24 +536,26 @@ def sb_bwd_dkdv_kernel(
         for m in range(m_first, m_last + 1):
             offs_m = m * BLOCK_M + offs_mm
             row_ok = offs_m < seqlen
-            md_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+            md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
             q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
             do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
             drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
             stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
-            # Rows before this key block (or not reaching it) read nothing: masked to 0 below.
-            seen = row_ok & (offs_m // BLOCK_N >= pid_n)
+            # Rows before this key block, or whose walk stopped right of it, read nothing: the dQ
+            # kernel wrote no boundary sums for them, and uninitialised sums would reach the
+            # arithmetic (masked entries are zeroed by it, not selected away).
+            seen = row_ok & (offs_m // BLOCK_N >= pid_n) & (stop < start_n + BLOCK_N)
             slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
             r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
             carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
             stop = tl.where(seen, stop, 2147483647)
             # The causal mask covers the diagonal; it costs a compare and a select per element,
             # cheaper than a second loop for the few tiles that need it.
-            z2, sp2_all, sp2, valid, sp_sum = _bwd_block_logits(
+            z2, sp2, e, _ = _bwd_block_logits(
                 q, k, offs_n, offs_m, stop, scale2, True, ATTEND_CURRENT, PRECISION, ACCURATE
             )
-            weights, dz, g_sum = _bwd_block_grads(
-                z2, sp2_all, sp2, valid, r_right, do, v, carry_p, drem_rem, BLOCK_N, SCAN, PRECISION
+            weights, dz, _ = _bwd_block_grads(
+                z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION,
             )
             dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
             dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
