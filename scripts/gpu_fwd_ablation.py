@@ -21,30 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
+from sbbench.kernels.triton_sb.kernels import _softplus2 as production_softplus2
+
 OUT = os.environ.get("OUT", "/tmp")
 
-# log2(1 + e) / e on [0, 1], degree 6, relative-error least squares (max rel. error 1.5e-6).
-L0, L1, L2, L3, L4, L5, L6 = (1.4426929, -0.7211405, 0.4774568, -0.33821434, 0.21363747, -0.094360754, 0.019929474)
-# 2^f on [-0.5, 0.5], degree 4 (max rel. error 2.7e-6).
-E0, E1, E2, E3, E4 = (0.99999917, 0.69312197, 0.24024981, 0.05591704, 0.0095605105)
+# Polynomial exp2 (variant EXPW=1): 2^f on [-0.5, 0.5], degree 4, max relative error 2.7e-6.
 
 
 @triton.jit
 def _softplus2(z2, SP: tl.constexpr):
-    if SP == 0:
-        lp = tl.log2(1.0 + tl.exp2(-tl.abs(z2)))
-    elif SP == 1:
-        e = tl.exp2(-tl.abs(z2))
-        p = 0.019929474 * e - 0.094360754
-        p = p * e + 0.21363747
-        p = p * e - 0.33821434
-        p = p * e + 0.4774568
-        p = p * e - 0.7211405
-        p = p * e + 1.4426929
-        lp = e * p
+    if SP == 0:  # what the kernel did before: tl.log2 (a libdevice routine, not MUFU lg2)
+        return tl.maximum(z2, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(z2)))
+    elif SP == 1:  # the production kernel's polynomial
+        sp2, _ = production_softplus2(z2, False)
+        return sp2
     else:
-        lp = 0.0
-    return tl.maximum(z2, 0.0) + lp
+        return tl.maximum(z2, 0.0)
 
 
 @triton.jit
