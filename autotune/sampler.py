@@ -50,7 +50,14 @@ def pass_space(backend: Backend, pass_: str) -> Space:
 
 
 def default_params(backend: Backend, space: Space) -> dict[str, Any]:
-    return {name: backend.default_config.get(name, choices[0]) for name, choices in space.items()}
+    """The backend's default config within ``space``: a space restricted to exclude a default
+    value (``--space bwd_dkdv_BLOCK_N=128``) starts from its first choice instead, as a trial
+    outside the space's choices could not be told to the sampler."""
+    params = {}
+    for name, choices in space.items():
+        default = backend.default_config.get(name, choices[0])
+        params[name] = default if default in choices else choices[0]
+    return params
 
 
 def space_size(space: Space) -> int:

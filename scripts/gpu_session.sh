@@ -51,15 +51,16 @@ for stage in "$@"; do
       # Issue 5: TPE per key (D=64 and 128; T=4096 and 16384 buckets, which the nearest-bucket
       # lookup extends to 2048..16384), fwd and bwd, mixed regime, over a space without the
       # choices that cannot win on an H100 (16-wide tiles for D>=64, 2 warps).
-      timeout -s TERM 560 sbbench tune --backend triton --pass both --batch 4 --heads 12 --head-dim 128,64 \
-        --seqlens 4096,16384 --dtype bf16 --regime mixed --trials 12 --startup-trials 5 --timeout 520 \
+      timeout -s TERM $((${TUNE_SECONDS:-520} + 40)) sbbench tune --backend triton --pass both --batch 4 --heads 12 --head-dim 128,64 \
+        --seqlens 4096,16384 --dtype bf16 --regime mixed --trials ${TUNE_TRIALS:-12} --startup-trials 5 --timeout ${TUNE_SECONDS:-520} \
         --trial-timeout 60 --storage "$STORAGE" --json "$OUT/tune_tpe.json" --no-progress \
         --space fwd_BLOCK_M=64,128 --space fwd_BLOCK_N=32,64,128 --space fwd_num_warps=4,8 \
         --space fwd_num_stages=1,2,3 --space skip_check_keys=128,256,512,1024 --space skip_checks=1,2 \
         --space skip_log2=-30,-24,-20 --space scan=dot \
         --space bwd_BLOCK_M=32,64,128 --space bwd_BLOCK_N=16,32,64 --space bwd_num_warps=4,8 \
         --space bwd_num_stages=1,2 --space bwd_dkdv_BLOCK_M=16,32,64 --space bwd_dkdv_BLOCK_N=64,128 \
-        --space bwd_dkdv_num_warps=4,8 --space bwd_dkdv_num_stages=1,2 2>&1 | tail -40
+        --space bwd_dkdv_num_warps=4,8 --space bwd_dkdv_num_stages=1 2>&1 | tail -40
+      sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -22
       cp .device/tune.db "$OUT/tune.db"
       ;;
     grid)

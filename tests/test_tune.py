@@ -448,3 +448,13 @@ def test_changed_backend_space_gets_a_study_of_its_own(tmp_path, test_backends):
 def test_export_with_nothing_to_export_says_so(env):
     result = _cli("export", "--storage", f"sqlite:///{env / 'empty.db'}", "--out", str(env / "out"))
     assert result.exit_code == 2 and "--storage" in result.output and "Traceback" not in result.output
+
+
+def test_default_outside_a_restricted_space_starts_from_its_first_choice():
+    from types import SimpleNamespace
+
+    from sbbench.autotune.sampler import default_params
+
+    backend = SimpleNamespace(default_config={"bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4})
+    space = {"bwd_dkdv_BLOCK_N": (128,), "bwd_dkdv_num_warps": (4, 8)}
+    assert default_params(backend, space) == {"bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_num_warps": 4}
