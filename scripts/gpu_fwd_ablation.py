@@ -32,8 +32,11 @@ OUT = os.environ.get("OUT", "/tmp")
 def _softplus2(z2, SP: tl.constexpr):
     if SP == 0:  # what the kernel did before: tl.log2 (a libdevice routine, not MUFU lg2)
         return tl.maximum(z2, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(z2)))
-    elif SP == 1:  # the production kernel's polynomial
-        sp2, _ = production_softplus2(z2, False)
+    elif SP == 1:  # the production kernel's degree-6 polynomial (its fp16 arithmetic)
+        sp2, _ = production_softplus2(z2, False, 2)
+        return sp2
+    elif SP == 3:  # its degree-5 polynomial (bf16)
+        sp2, _ = production_softplus2(z2, False, 1)
         return sp2
     else:
         return tl.maximum(z2, 0.0)
@@ -57,16 +60,16 @@ def _exp2(x, EXPW: tl.constexpr):
 
 
 @triton.jit
-def _block(acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, scale2, stride_t, tri,
-           MASKED: tl.constexpr, BLOCK_N: tl.constexpr, SP: tl.constexpr, SCAN: tl.constexpr,
-           EXPW: tl.constexpr, C64: tl.constexpr, HOIST: tl.constexpr):
-    k = tl.load(k_ptrs + start_n * stride_t)
-    v = tl.load(v_ptrs + start_n * stride_t)
-    z2 = tl.dot(q, tl.trans(k)) * scale2
+def _transform(acc, carry, z, v, start_n, offs_m, offs_n, scale2, tri,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, SP: tl.constexpr, SCAN: tl.constexpr,
+               EXPW: tl.constexpr, C64: tl.constexpr, HOIST: tl.constexpr):
+    """Everything after the logits z = q k^T (unscaled) of one block."""
+    z2 = z * scale2
     sp2 = _softplus2(z2, SP)
     if MASKED:
         valid = (start_n + offs_n)[None, :] < offs_m[:, None]
         sp2 = tl.where(valid, sp2, 0.0)
+    logbeta = z2 - sp2
     if SCAN == 0:
         suffix = tl.cumsum(sp2, axis=1, reverse=True) - sp2
     elif SCAN == 4:
@@ -86,7 +89,7 @@ def _block(acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, scale2, strid
         c = carry.to(tl.float32)
     else:
         c = carry
-    w = _exp2(z2 - sp2 - suffix - c[:, None], EXPW)
+    w = _exp2(logbeta - suffix - c[:, None], EXPW)
     if MASKED:
         w = tl.where(valid, w, 0.0)
     acc = tl.dot(w.to(v.dtype), v, acc)
@@ -98,9 +101,21 @@ def _block(acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, scale2, strid
 
 
 @triton.jit
+def _block(acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, scale2, stride_t, tri,
+           MASKED: tl.constexpr, BLOCK_N: tl.constexpr, SP: tl.constexpr, SCAN: tl.constexpr,
+           EXPW: tl.constexpr, C64: tl.constexpr, HOIST: tl.constexpr):
+    k = tl.load(k_ptrs + start_n * stride_t)
+    v = tl.load(v_ptrs + start_n * stride_t)
+    z = tl.dot(q, tl.trans(k))
+    return _transform(acc, carry, z, v, start_n, offs_m, offs_n, scale2, tri, MASKED, BLOCK_N, SP,
+                      SCAN, EXPW, C64, HOIST)
+
+
+@triton.jit
 def abl_fwd(Q, K, V, O, T, scale2,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
-            SCAN: tl.constexpr, EXPW: tl.constexpr, C64: tl.constexpr, HOIST: tl.constexpr):
+            SCAN: tl.constexpr, EXPW: tl.constexpr, C64: tl.constexpr, HOIST: tl.constexpr,
+            LOOK: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     base = bh * T * D
@@ -124,32 +139,41 @@ def abl_fwd(Q, K, V, O, T, scale2,
     for t in range(0, n_top - n_unmasked_top):
         acc, carry = _block(acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n,
                             scale2, D, tri, True, BLOCK_N, SP, SCAN, EXPW, C64, HOIST)
-    for t in range(0, n_unmasked_top + 1):
-        acc, carry = _block(acc, carry, q, k_ptrs, v_ptrs, (n_unmasked_top - t) * BLOCK_N, offs_m,
-                            offs_n, scale2, D, tri, False, BLOCK_N, SP, SCAN, EXPW, C64, HOIST)
+    if LOOK:
+        # The next block's logits are issued before this block's transform, so the tensor
+        # cores work while the transform runs (one wasted product at the end).
+        z_next = tl.dot(q, tl.trans(tl.load(k_ptrs + tl.maximum(n_unmasked_top, 0) * BLOCK_N * D)))
+        for t in range(0, n_unmasked_top + 1):
+            n = n_unmasked_top - t
+            z = z_next
+            v = tl.load(v_ptrs + n * BLOCK_N * D)
+            z_next = tl.dot(q, tl.trans(tl.load(k_ptrs + tl.maximum(n - 1, 0) * BLOCK_N * D)))
+            acc, carry = _transform(acc, carry, z, v, n * BLOCK_N, offs_m, offs_n, scale2, tri, False,
+                                    BLOCK_N, SP, SCAN, EXPW, C64, HOIST)
+    else:
+        for t in range(0, n_unmasked_top + 1):
+            acc, carry = _block(acc, carry, q, k_ptrs, v_ptrs, (n_unmasked_top - t) * BLOCK_N, offs_m,
+                                offs_n, scale2, D, tri, False, BLOCK_N, SP, SCAN, EXPW, C64, HOIST)
     tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty))
 
 
-BASE = dict(SP=0, SCAN=1, EXPW=0, C64=1, HOIST=0, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-CHEAP = dict(SP=1, SCAN=3, C64=0, HOIST=1)
+BASE = dict(SP=0, SCAN=1, EXPW=0, C64=1, HOIST=0, LOOK=0, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+CHEAP = dict(SP=1, SCAN=3, C64=1, HOIST=1)  # what the production kernel does now
+LEAN = {**CHEAP, "SP": 3}  # measured first with the scale folded into the softplus too: no gain
 VARIANTS = {
     "base": {},
-    "no_softplus": dict(SP=2),
-    "no_scan": dict(SCAN=4),
-    "no_sp_no_scan": dict(SP=2, SCAN=4),
-    "cumsum_scan": dict(SCAN=0),
-    "poly_log2": dict(SP=1),
-    "onesided_clamp": dict(SCAN=3),
-    "hoist_tri": dict(HOIST=1),
-    "carry_fp32": dict(C64=0),
-    "poly_exp2": dict(EXPW=1),
     "cheap": CHEAP,
-    "cheap+poly_exp2": {**CHEAP, "EXPW": 1},
-    "cheap_m128_w8": {**CHEAP, "BLOCK_M": 128, "num_warps": 8},
-    "cheap_n32": {**CHEAP, "BLOCK_N": 32},
-    "cheap_n128": {**CHEAP, "BLOCK_N": 128, "num_warps": 8},
-    "cheap_s3": {**CHEAP, "num_stages": 3},
-    "cheap_m128_w4": {**CHEAP, "BLOCK_M": 128},
+    "cheap_n32_s3": {**CHEAP, "BLOCK_N": 32, "num_stages": 3},
+    "lean": LEAN,
+    "lean_maxnreg168": {**LEAN, "maxnreg": 168},
+    "lean_n32_s2": {**LEAN, "BLOCK_N": 32},
+    "lean_n32_s3": {**LEAN, "BLOCK_N": 32, "num_stages": 3},
+    "lean_n32_s4": {**LEAN, "BLOCK_N": 32, "num_stages": 4},
+    "lean_m128_n32_w8_s3": {**LEAN, "BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+    "lean_look": {**LEAN, "LOOK": 1},
+    "lean_look_n32_s3": {**LEAN, "LOOK": 1, "BLOCK_N": 32, "num_stages": 3},
+    "no_sp_no_scan": dict(SP=2, SCAN=4),
+    "no_sp_no_scan_n32_s3": dict(SP=2, SCAN=4, BLOCK_N=32, num_stages=3),
 }
 
 
@@ -233,14 +257,14 @@ def main() -> None:
                 diff = None
                 if name == "base":
                     ref = o.float().clone()
-                elif over.get("SP") != 2 and over.get("SCAN") != 4:
+                elif over.get("SP") != 2 and over.get("SCAN") != 4 and ref is not None:
                     diff = (o.float() - ref).abs().max().item()
                 rows.append(dict(D=D, variant=name, ms=ms, tflops=flops / ms / 1e9, vs_fa2=flops / ms / 1e9 / fa2, max_diff_vs_base=diff))
             except Exception as exc:  # a variant that fails to build or run is a finding too
                 rows.append(dict(D=D, variant=name, error=f"{type(exc).__name__}: {exc}"[:300]))
             print(rows[-1], flush=True)
         # PTX of base and cheap for instruction counts
-        for name in ("base", "cheap"):
+        for name in ("cheap", "lean_look"):
             cfg = {**BASE, **VARIANTS[name]}
             grid = (T // cfg["BLOCK_M"], B * H)
             h = abl_fwd[grid](q, k, v, torch.empty_like(q), T, scale * 1.4426950408889634, D=D, **cfg)
@@ -249,7 +273,8 @@ def main() -> None:
                     f.write(h.asm[kind])
         del q, k, v
         torch.cuda.empty_cache()
-    bwd_rows = profile_backward()
+    # The backward's per-kernel profile (ABLATION_BACKWARD=1): a minute more of device time.
+    bwd_rows = profile_backward() if os.environ.get("ABLATION_BACKWARD") == "1" else []
     with open(os.path.join(OUT, "fwd_ablation.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": rows, "backward": bwd_rows}, f, indent=1)
     from tabulate import tabulate

@@ -47,21 +47,29 @@ MASKED_LOGIT2: tl.constexpr = tl.constexpr(-1000.0)
 
 
 @triton.jit
-def _softplus2(z2, ACCURATE: tl.constexpr):
+def _softplus2(z2, ACCURATE: tl.constexpr, SCAN: tl.constexpr):
     """(log2(1 + 2^z2), 2^-|z2|). ACCURATE (float32 inputs) computes log2(1 + e) for small
     e = 2^-|z2| as log2(u) * e / (u - 1) with u = 1 + e (Goldberg's log1p), since 1 + e drops
     most of e's bits: at z = -8 plain log2(1 + e) is off by 3e-4 relative, which float32's budget
-    cannot absorb. Otherwise (fp16/bf16 inputs) log2(1 + e) = e * p(e), p a degree-6 polynomial
-    (relative error 1.5e-6, exact in the limit e -> 0): ``tl.log2`` is not the special-function
-    unit's lg2 but a libdevice routine of ~25 instructions, and it alone cost the H100 forward a
-    third of its time (scripts/gpu_fwd_ablation.py: 0.66x -> 0.91x FlashAttention-2 at D=128).
-    Returns e too: the backward forms sigmoid(z) and 1 - sigmoid(z) from it."""
+    cannot absorb. Otherwise log2(1 + e) = e * p(e), p a polynomial fitted to log2(1 + e) / e on
+    [0, 1] for relative error (exact in the limit e -> 0): degree 6 (1.5e-6) for fp16 inputs,
+    degree 5 (1e-5, an eighth of a bf16 ulp) for bf16 ones (SCAN == 1, their one-part scan).
+    ``tl.log2`` is not the special-function unit's lg2 but a libdevice routine of ~25
+    instructions, and it alone cost the H100 forward a third of its time
+    (scripts/gpu_fwd_ablation.py: 0.66x -> 0.91x FlashAttention-2 at D=128; degree 5 instead of
+    6: +5% at D=64). Returns e too: the backward forms sigmoid(z) and 1 - sigmoid(z) from it."""
     e = tl.exp2(-tl.abs(z2))
     if ACCURATE:
         u = 1.0 + e
         lp = tl.where(u == 1.0, e * 1.4426950408889634, tl.log2(u) * (e / (u - 1.0)))
+    elif SCAN == 1:
+        p = -0.03366616 * e + 0.14407308
+        p = p * e - 0.30128005
+        p = p * e + 0.46852615
+        p = p * e - 0.72034127
+        p = p * e + 1.4426811
+        lp = e * p
     else:
-        # Least-squares fit of log2(1 + e) / e on [0, 1], weighted for relative error.
         p = 0.019929474 * e - 0.094360754
         p = p * e + 0.21363747
         p = p * e - 0.33821434
@@ -73,13 +81,23 @@ def _softplus2(z2, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def _row_sum64(x, ACCURATE: tl.constexpr):
-    """Row sums as float64. ACCURATE sums in float64, so the forward's total and the backward's
-    running sum agree whatever their key tiles (their difference is the stick right of a key)."""
+def _row_sum(x, ACCURATE: tl.constexpr):
+    """Row sums for the running log-stick: float64 when ACCURATE (float32 inputs), so the
+    forward's total and the backward's running sum agree whatever their key tiles (their
+    difference is the stick right of a key); float32 otherwise, where that difference needs only
+    bf16/fp16 accuracy and float64 conversions per tile cost the forward ~2%."""
     if ACCURATE:
         return tl.sum(x.to(tl.float64), 1)
     else:
-        return tl.sum(x, 1).to(tl.float64)
+        return tl.sum(x, 1)
+
+
+@triton.jit
+def _zero_stick(BLOCK_M: tl.constexpr, ACCURATE: tl.constexpr):
+    if ACCURATE:
+        return tl.zeros([BLOCK_M], dtype=tl.float64)
+    else:
+        return tl.zeros([BLOCK_M], dtype=tl.float32)
 
 
 @triton.jit
@@ -182,14 +200,14 @@ def _fwd_block(
         else:
             valid = keys[None, :] < offs_m[:, None]
         z2 = tl.where(valid, z2, MASKED_LOGIT2)
-    sp2, _ = _softplus2(z2, ACCURATE)
+    sp2, _ = _softplus2(z2, ACCURATE, SCAN)
     # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry
     suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
     weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
-    # float64 running log-stick: the backward rebuilds it from the left as total - prefix,
-    # which needs the total exact (a [BLOCK_M] add per block, off the hot path).
-    carry = carry + _row_sum64(sp2, ACCURATE)
+    # Running log-stick (float64 for float32 inputs): the backward rebuilds it from the left as
+    # total - prefix, which needs the total as exact as that prefix.
+    carry = carry + _row_sum(sp2, ACCURATE)
     return acc, carry
 
 
@@ -235,7 +253,7 @@ def sb_fwd_kernel(
 
     tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    carry = tl.zeros([BLOCK_M], dtype=tl.float64)
+    carry = _zero_stick(BLOCK_M, ACCURATE)
 
     # Key blocks n whose keys are all visible to every row of the tile need no causal mask.
     last_key = tl.minimum(start_m + BLOCK_M, seqlen) - 1 - (1 - ATTEND_CURRENT)
@@ -303,16 +321,16 @@ def sb_fwd_kernel(
 # P is accumulated from the left, so no term is a difference of large sums (walking from the
 # diagonal would give P as <do, o> - suffix, which cancels catastrophically once the stick is
 # used up). The weights need the log-stick right of each block, r_right = total - (sum from the
-# left up to the block's right edge): formed in float64 per row, so it is exact to float32 of its
-# own size, and the weights inside the block then use the block's own suffix sums, as the
-# forward does.
+# left up to the block's right edge): formed per row in float64 for float32 inputs, so it is
+# exact to float32 of its own size (in float32 for fp16/bf16 ones, whose weights need less), and
+# the weights inside the block then use the block's own suffix sums, as the forward does.
 
 
 @triton.jit
 def _bwd_block_logits(
     q, k, keys, offs_m, stop, scale2,
     CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr,
+    ACCURATE: tl.constexpr, SCAN: tl.constexpr,
 ):
     """Logits of one block: (z2, softplus2, 2^-|z2|, row sums of softplus2), masked entries
     set to MASKED_LOGIT2."""
@@ -323,8 +341,8 @@ def _bwd_block_logits(
         else:
             valid = valid & (keys[None, :] < offs_m[:, None])
     z2 = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2, MASKED_LOGIT2)
-    sp2, e = _softplus2(z2, ACCURATE)
-    return z2, sp2, e, _row_sum64(sp2, ACCURATE)
+    sp2, e = _softplus2(z2, ACCURATE, SCAN)
+    return z2, sp2, e, _row_sum(sp2, ACCURATE)
 
 
 @triton.jit
@@ -365,7 +383,7 @@ def _dq_block(
     # P left of a state block is stored at the block's left edge ...
     tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
     z2, sp2, e, sp_sum = _bwd_block_logits(
-        q, k, keys, offs_m, stop, scale2, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE
+        q, k, keys, offs_m, stop, scale2, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
@@ -423,7 +441,10 @@ def sb_bwd_dq_kernel(
     do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
     drem = tl.load(dr_base + offs_m * stride_drt, mask=row_ok, other=0.0).to(tl.float32)
     aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
-    total = tl.load(LOGREM + aux, mask=row_ok, other=0.0)  # float64 sum of sp2 over visited keys
+    # Sum of sp2 over the visited keys (stored as float64; summed in float64 for float32 inputs).
+    total = tl.load(LOGREM + aux, mask=row_ok, other=0.0)
+    if not ACCURATE:
+        total = total.to(tl.float32)
     stop = tl.load(STOP + aux, mask=row_ok, other=2147483647)
     drem_rem = drem * tl.exp2(-total.to(tl.float32))
     tl.store(DREM_REM + aux, drem_rem, mask=row_ok)
@@ -444,7 +465,7 @@ def sb_bwd_dq_kernel(
     tri_suffix = _scan_matrix(BLOCK_N, True)
     tri_prefix = _scan_matrix(BLOCK_N, False)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    carry_f = tl.zeros([BLOCK_M], dtype=tl.float64)  # sp2 summed over blocks left of n
+    carry_f = _zero_stick(BLOCK_M, ACCURATE)  # sp2 summed over blocks left of n
     carry_p = tl.zeros([BLOCK_M], dtype=tl.float32)  # g summed over blocks left of n
     row_hi = ROW_HI + (pid_b * (num_heads // group) + pid_hk).to(tl.int64) * num_key_blocks
     last_row = tl.minimum(start_m + BLOCK_M, seqlen) - 1
@@ -552,7 +573,7 @@ def sb_bwd_dkdv_kernel(
             # The causal mask covers the diagonal; it costs a compare and a select per element,
             # cheaper than a second loop for the few tiles that need it.
             z2, sp2, e, _ = _bwd_block_logits(
-                q, k, offs_n, offs_m, stop, scale2, True, ATTEND_CURRENT, PRECISION, ACCURATE
+                q, k, offs_n, offs_m, stop, scale2, True, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
             )
             weights, dz, _ = _bwd_block_grads(
                 z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION,
