@@ -188,7 +188,7 @@ def test_chunked_tune_resume_export_used_by_sb_attn(env, monkeypatch):
 
     # export: one file for (this CPU, chunked), per key the fastest feasible trial.
     out = env / "configs"
-    exported = _cli("export", "--storage", storage, "--out", str(out))
+    exported = _cli("export", "--storage", storage, "--out", str(out), "--min-speedup", "1")
     assert exported.exit_code == 0, exported.output
     assert f"SBBENCH_CONFIG_DIR={out}" in exported.output  # out is not on the search path yet
     from sbbench.core import config_loader
@@ -209,6 +209,18 @@ def test_chunked_tune_resume_export_used_by_sb_attn(env, monkeypatch):
         default = next(t for t in after[name] if t.user_attrs.get("is_default"))
         assert entry["default_latency_ms"] == pytest.approx(default.value)
         assert entry["speedup_over_default"] == pytest.approx(default.value / best[name].value)
+
+    # With the default margin, a key keeps its default config unless the best is 2% faster.
+    margin = _cli("export", "--storage", storage, "--out", str(env / "configs_margin"))
+    assert margin.exit_code == 0, margin.output
+    for entry in config_loader.read_config_file(config_loader.config_file(env / "configs_margin", cpu_name(),
+                                                                          "chunked"))["entries"]:
+        name = next(n for n in names if f"/{entry['key']['pass']}/" in n)
+        default = next(t for t in after[name] if t.user_attrs.get("is_default"))
+        wanted = best[name] if best[name].value * 1.02 <= default.value else default
+        assert entry["config"] == wanted.params and entry["latency_ms"] == pytest.approx(wanted.value)
+    bad = _cli("export", "--storage", storage, "--out", str(env / "x"), "--min-speedup", "0.5")
+    assert bad.exit_code == 2 and "--min-speedup" in bad.output and not (env / "x").exists()
 
     monkeypatch.setenv("SBBENCH_CONFIG_DIR", str(out))
     looked_up = {}

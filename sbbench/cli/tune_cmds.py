@@ -354,6 +354,9 @@ def export_command(
         "$SBBENCH_CONFIG_DIR entry, else ~/.cache/sbbench/configs.", show_default=False)] = None,
     backend: Annotated[Optional[str], typer.Option(
         "--backend", help="Export only this backend's studies.", show_default=False)] = None,
+    min_speedup: Annotated[float, typer.Option(
+        "--min-speedup", help="Keep the default config of a key unless the best one is at least this "
+        "much faster in its study (latency medians vary by about 1% between runs).")] = 1.02,
 ) -> None:
     """Write the best feasible config of every tuned key as config files (one per device and
     backend) that the backends then use through sbbench.core.config_loader."""
@@ -361,11 +364,13 @@ def export_command(
     from sbbench.autotune.store import default_export_dir
     from sbbench.core.config_loader import ENV_VAR
 
+    if not min_speedup >= 1.0:
+        raise _usage(f"--min-speedup: expected a number >= 1, got {min_speedup}")
     out_dir = out if out is not None else default_export_dir()
     if out_dir.exists() and not out_dir.is_dir():
         raise _usage(f"--out: {out_dir} is a file, not a directory")
     try:
-        result = export_configs(storage, out_dir, backend)
+        result = export_configs(storage, out_dir, backend, min_speedup)
     except ValueError as exc:
         raise _usage(str(exc)) from None
     for note in result.notes:
