@@ -90,12 +90,38 @@ def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor]
     return b, h, k.shape[1], t, b * t, t
 
 
-def _kernel_flags(q: torch.Tensor, scan_code: int) -> dict:
+def _kernel_flags(dtype: torch.dtype, scan_code: int) -> dict:
     """Per-dtype arithmetic: float32 inputs get exact fp32 scans (tl.cumsum), IEEE fp32 dots
     and an accurate softplus; fp16 a two-part fp16 scan; bf16 a one-part one (see kernels.py)."""
-    fp32 = q.dtype == torch.float32
-    scan = 0 if (scan_code == 0 or fp32) else (1 if q.dtype == torch.bfloat16 else 2)
+    fp32 = dtype == torch.float32
+    scan = 0 if (scan_code == 0 or fp32) else (1 if dtype == torch.bfloat16 else 2)
     return {"SCAN": scan, "PRECISION": "ieee" if fp32 else "tf32", "ACCURATE": fp32}
+
+
+def launch_options(
+    f: Mapping[str, int], dtype: torch.dtype, head_dim: int, attend_current: bool, varlen: bool
+) -> dict[str, dict[str, Any]]:
+    """Compile-time parameters, warps and stages of the three kernels (``"fwd"``, ``"bwd_dq"``,
+    ``"bwd_dkdv"``) for launch config ``f`` (CONFIG_FIELDS -> int): what the launchers pass as
+    keywords, and what ``sass.py`` compiles to inspect a launch without a GPU. ``HEAD_DIM`` is not
+    among them: the kernels take it positionally."""
+    common = dict(ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, BLOCK_D=_block_d(head_dim),
+                  **_kernel_flags(dtype, f["scan"]))
+    return {
+        "fwd": dict(
+            common, SKIP=f["skip_log2"] > SKIP_OFF, SKIP_CHECK_TILES=max(1, f["skip_check_keys"] // f["fwd_BLOCK_N"]),
+            SKIP_LEVELS=f["skip_checks"], BLOCK_M=f["fwd_BLOCK_M"], BLOCK_N=f["fwd_BLOCK_N"],
+            num_warps=f["fwd_num_warps"], num_stages=f["fwd_num_stages"],
+        ),
+        "bwd_dq": dict(
+            common, BLOCK_M=f["bwd_BLOCK_M"], BLOCK_N=f["bwd_BLOCK_N"], STATE_N=f["bwd_dkdv_BLOCK_N"],
+            num_warps=f["bwd_num_warps"], num_stages=f["bwd_num_stages"],
+        ),
+        "bwd_dkdv": dict(
+            common, BLOCK_M=f["bwd_dkdv_BLOCK_M"], BLOCK_N=f["bwd_dkdv_BLOCK_N"],
+            num_warps=f["bwd_dkdv_num_warps"], num_stages=f["bwd_dkdv_num_stages"],
+        ),
+    }
 
 
 def _block_d(head_dim: int) -> int:
@@ -131,8 +157,7 @@ def triton_sb_fwd(
     stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
     if rows == 0:
         return o, rem, logrem, stop
-    flags = _kernel_flags(q, f["scan"])
-    block_m, block_n = f["fwd_BLOCK_M"], f["fwd_BLOCK_N"]
+    block_m = f["fwd_BLOCK_M"]
     skip = f["skip_log2"] > SKIP_OFF
     grid = (triton.cdiv(longest, block_m), n_seq * heads)
     kernels.sb_fwd_kernel[grid](
@@ -141,10 +166,7 @@ def triton_sb_fwd(
         *_rem_strides(rem, varlen),
         t_dense, rows, heads, heads // kv_heads, head_dim, inv_temp * LOG2E,
         float(-f["skip_log2"]) if skip else 0.0,
-        ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, SKIP=skip,
-        SKIP_CHECK_TILES=max(1, f["skip_check_keys"] // block_n), SKIP_LEVELS=f["skip_checks"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), **flags,
-        num_warps=f["fwd_num_warps"], num_stages=f["fwd_num_stages"],
+        **launch_options(f, q.dtype, head_dim, attend_current, varlen)["fwd"],
     )
     return o, rem, logrem, stop
 
@@ -200,8 +222,7 @@ def triton_sb_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if rows == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    flags = _kernel_flags(q, f["scan"])
-    block_m, block_n, state_n = f["bwd_BLOCK_M"], f["bwd_BLOCK_N"], f["bwd_dkdv_BLOCK_N"]
+    block_m, state_n = f["bwd_BLOCK_M"], f["bwd_dkdv_BLOCK_N"]
     num_key_blocks = triton.cdiv(longest, state_n)
 
     if varlen:
@@ -218,25 +239,21 @@ def triton_sb_bwd(
     # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
     row_hi = torch.full((n_seq * kv_heads, num_key_blocks), -1, dtype=torch.int32, device=q.device)
     cu = cu_seqlens if varlen else stop
-    common = dict(
-        ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, BLOCK_D=_block_d(head_dim), **flags,
-    )
+    options = launch_options(f, q.dtype, head_dim, attend_current, varlen)
     scale2 = inv_temp * LOG2E
     kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * heads)](
         q, k, v, do, drem, logrem, stop, cu, cu_states, dq, drem_rem, state_r, state_p, row_hi,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
         *_strides3(do, varlen), *_rem_strides(drem, varlen), *_strides3(dq, varlen),
         t_dense, rows, state_total, heads, heads // kv_heads, head_dim, scale2, inv_temp,
-        num_key_blocks, BLOCK_M=block_m, BLOCK_N=block_n, STATE_N=state_n, num_warps=f["bwd_num_warps"],
-        num_stages=f["bwd_num_stages"], **common,
+        num_key_blocks, **options["bwd_dq"],
     )
     kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * kv_heads)](
         q, k, v, do, stop, cu, cu_states, drem_rem, state_r, state_p, row_hi, dk, dv,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen),
         t_dense, rows, state_total, kv_heads, heads // kv_heads, head_dim, scale2, inv_temp,
-        num_key_blocks, BLOCK_M=f["bwd_dkdv_BLOCK_M"], BLOCK_N=state_n, num_warps=f["bwd_dkdv_num_warps"],
-        num_stages=f["bwd_dkdv_num_stages"], **common,
+        num_key_blocks, **options["bwd_dkdv"],
     )
     return dq, dk, dv
 

@@ -1,0 +1,212 @@
+"""The Triton kernels' machine code without a GPU: compile a launch for an NVIDIA architecture
+with the ptxas that ships in the triton wheel, disassemble it, and count the instructions of
+each loop.
+
+This is how the kernel's two largest H100 costs were found before any device time was spent on
+them: the K/V tiles were read as 2-byte loads with a mask per element (``head_dim`` was a
+runtime value), and ``tl.log2`` inlined a ~25-instruction libdevice routine per score. The tests
+use it to keep both from coming back; ``python -m sbbench.kernels.triton_sb.sass`` prints the
+table for a launch config. (Not under ``TRITON_INTERPRET=1``: interpreted kernels cannot be
+compiled.)
+
+Pointer arguments get 16-byte alignment and strides divisibility by 16, as Triton specialises a
+real launch on contiguous tensors; integer scalars are plain i32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sbbench.kernels.triton_sb import DEFAULT_CONFIG, kernels
+from sbbench.kernels.triton_sb.op import config_to_list, CONFIG_FIELDS, launch_options
+
+KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
+# Element types of the pointer arguments that are not the inputs' dtype.
+_POINTER_TYPES = {
+    "STOP": "*i32", "CU_SEQLENS": "*i32", "ROW_HI": "*i32", "CU_STATES": "*i64", "LOGREM": "*fp64",
+    "DREM_REM": "*fp32", "STATE_R": "*fp32", "STATE_P": "*fp32",
+}
+_FLOAT_SCALARS = {"scale2", "inv_temp", "skip_threshold"}
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+
+
+@dataclass
+class Loop:
+    """One loop of the machine code: its opcodes (with modifiers) and how many scores one pass
+    of it computes per thread."""
+
+    opcodes: collections.Counter = field(default_factory=collections.Counter)
+    scores_per_thread: float = 0.0
+
+    @property
+    def instructions(self) -> int:
+        return sum(self.opcodes.values())
+
+    def count(self, prefix: str) -> int:
+        return sum(n for op, n in self.opcodes.items() if op.startswith(prefix))
+
+    def per_score(self, prefix: str | None = None) -> float:
+        n = self.instructions if prefix is None else self.count(prefix)
+        return n / self.scores_per_thread
+
+
+@dataclass
+class Build:
+    kernel: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    loops: list[Loop]
+    sass: str
+
+    def hot_loops(self) -> list[Loop]:
+        """The loops that compute scores (they hold special-function-unit instructions)."""
+        return [loop for loop in self.loops if loop.count("MUFU")]
+
+
+def _signature(fn, constexprs: Mapping[str, Any], dtype: str) -> tuple[dict, dict]:
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.isupper():
+            signature[name] = _POINTER_TYPES.get(name, "*" + dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resources(cubin_path: str) -> tuple[int, int]:
+    text = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin_path], capture_output=True, text=True,
+                          check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return int(match.group(1)), int(match.group(2))
+
+
+def _loops(sass: str, scores_per_thread: float) -> list[Loop]:
+    """Loops as the code between a label and a later branch back to it."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line.strip()))}
+    loops = []
+    for i, line in enumerate(lines):
+        target = _BRANCH.search(line)
+        if target and labels.get(target.group(1), i) < i:
+            loop = Loop(scores_per_thread=scores_per_thread)
+            for body_line in lines[labels[target.group(1)]:i + 1]:
+                if m := _INSTRUCTION.match(body_line):
+                    loop.opcodes[m.group(1) + m.group(2)] += 1
+            loops.append(loop)
+    return loops
+
+
+def build(
+    kernel: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    attend_current: bool = False,
+    varlen: bool = False,
+    arch: int = 90,
+) -> Build:
+    """Compile ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv") as ``sb_attn`` would launch it with
+    ``config`` (over the default), for compute capability ``arch``, and analyse its SASS."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
+    fields = dict(zip(CONFIG_FIELDS, config_to_list({**DEFAULT_CONFIG, **(config or {})})))
+    options = dict(launch_options(fields, dtype, head_dim, attend_current, varlen)[kernel])
+    num_warps, num_stages = options.pop("num_warps"), options.pop("num_stages")
+    constexprs = {**options, "HEAD_DIM": head_dim}
+    fn = KERNELS[kernel]
+    signature, attrs = _signature(fn, constexprs, _TRITON_DTYPES[dtype])
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        registers, spill = _resources(path)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    scores_per_thread = options["BLOCK_M"] * options["BLOCK_N"] / (32 * num_warps)
+    return Build(kernel, registers, spill, compiled.metadata.shared, _loops(sass, scores_per_thread), sass)
+
+
+def to_json(b: Build) -> dict[str, Any]:
+    """A build without its SASS text, hot loops only."""
+    return {"kernel": b.kernel, "registers": b.registers, "spill_bytes": b.spill_bytes, "shared_bytes": b.shared_bytes,
+            "loops": [{"opcodes": dict(loop.opcodes), "scores_per_thread": loop.scores_per_thread}
+                      for loop in b.hot_loops()]}
+
+
+def from_json(data: Mapping[str, Any]) -> Build:
+    loops = [Loop(collections.Counter(x["opcodes"]), x["scores_per_thread"]) for x in data["loops"]]
+    return Build(data["kernel"], data["registers"], data["spill_bytes"], data["shared_bytes"], loops, "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tabulate import tabulate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=VALUE",
+                        help="launch parameter over the default (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the builds' hot loops as JSON (what the tests read: they run in the "
+                        "Triton interpreter, whose kernels cannot be compiled, so they call this in a "
+                        "subprocess)")
+    args = parser.parse_args(argv)
+    config = {}
+    for item in args.config:
+        name, _, value = item.partition("=")
+        if name not in DEFAULT_CONFIG:
+            parser.error(f"--config: unknown parameter {name!r}")
+        config[name] = value if name == "scan" else int(value)
+    rows, builds = [], []
+    for kernel in KERNELS:
+        b = build(kernel, config, dtype=getattr(torch, args.dtype), head_dim=args.head_dim, arch=args.arch)
+        builds.append(b)
+        for i, loop in enumerate(b.hot_loops()):
+            rows.append([kernel, b.registers, b.spill_bytes, b.shared_bytes, i, loop.instructions,
+                         f"{loop.per_score():.1f}", f"{loop.per_score('MUFU'):.2f}", f"{loop.per_score('FFMA'):.2f}",
+                         loop.count("LDGSTS"), loop.count("LDG.E.U16") + loop.count("LDG.E.U8")])
+    if args.json:
+        print(json.dumps([to_json(b) for b in builds]))
+        return
+    print(tabulate(rows, headers=["kernel", "regs", "spill B", "shared B", "loop", "instr", "instr/score",
+                                  "MUFU/score", "FFMA/score", "cp.async", "2-byte loads"]))
+
+
+if __name__ == "__main__":
+    main()
