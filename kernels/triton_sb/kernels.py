@@ -148,6 +148,29 @@ def _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(CU_SEQLENS, T_dense, num_heads, group, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence, head, kv head, first packed row, length, first row of the tile) of a query-major
+    program. The heaviest query tiles (furthest from the sequence start) are launched first."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_b = pid_bh // num_heads
+    pid_h = pid_bh % num_heads
+    row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
+    return pid_b, pid_h, pid_h // group, row0, seqlen, pid_m * BLOCK_M
+
+
+@triton.jit
+def _diagonal_blocks(start_m, seqlen, ATTEND_CURRENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(block holding the tile's last visible key, last block every row of the tile sees whole):
+    the blocks between them need the causal mask. -1 for none."""
+    last_key = tl.minimum(start_m + BLOCK_M, seqlen) - 1 - (1 - ATTEND_CURRENT)
+    # last_key >= -1; the shift keeps the division non-negative, as // truncates toward zero on
+    # the GPU.
+    n_top = (last_key + BLOCK_N) // BLOCK_N - 1
+    return n_top, (start_m + ATTEND_CURRENT) // BLOCK_N - 1
+
+
+@triton.jit
 def _head_base(PTR, row0, pid_b, head, stride_b, stride_h, stride_t, IS_VARLEN: tl.constexpr):
     """Pointer to (sequence pid_b, head, first token) of a (B, H, T, ...) or packed (total, H, ...)
     tensor: packed sequences start at their first row, dense ones at their batch offset."""
@@ -224,14 +247,7 @@ def sb_fwd_kernel(
     SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
-    # Heaviest query tiles (furthest from the sequence start) are launched first.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_b = pid_bh // num_heads
-    pid_h = pid_bh % num_heads
-    pid_hk = pid_h // group
-    row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(CU_SEQLENS, T_dense, num_heads, group, BLOCK_M, IS_VARLEN)
     if start_m >= seqlen:
         return
     q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
@@ -256,11 +272,7 @@ def sb_fwd_kernel(
     carry = _zero_stick(BLOCK_M, ACCURATE)
 
     # Key blocks n whose keys are all visible to every row of the tile need no causal mask.
-    last_key = tl.minimum(start_m + BLOCK_M, seqlen) - 1 - (1 - ATTEND_CURRENT)
-    # Block holding the tile's last visible key, -1 for none (last_key >= -1; the shift keeps
-    # the division non-negative, as // truncates toward zero on the GPU).
-    n_top = (last_key + BLOCK_N) // BLOCK_N - 1
-    n_unmasked_top = (start_m + ATTEND_CURRENT) // BLOCK_N - 1
+    n_top, n_unmasked_top = _diagonal_blocks(start_m, seqlen, ATTEND_CURRENT, BLOCK_M, BLOCK_N)
     for t in range(0, n_top - n_unmasked_top):
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n, offs_d, seqlen,
@@ -415,13 +427,7 @@ def sb_bwd_dq_kernel(
 ):
     # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
     # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_b = pid_bh // num_heads
-    pid_h = pid_bh % num_heads
-    pid_hk = pid_h // group
-    row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(CU_SEQLENS, T_dense, num_heads, group, BLOCK_M, IS_VARLEN)
     if start_m >= seqlen:
         return
     q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
@@ -452,9 +458,7 @@ def sb_bwd_dq_kernel(
     # Slot of (row, key block n) in the compact causal state layout: row_slot + n.
     row_slot = pid_h.to(tl.int64) * state_total + state_base + _state_offset(offs_m, STATE_N)
 
-    last_key = tl.minimum(start_m + BLOCK_M, seqlen) - 1 - (1 - ATTEND_CURRENT)
-    n_top = (last_key + BLOCK_N) // BLOCK_N - 1
-    n_unmasked_top = (start_m + ATTEND_CURRENT) // BLOCK_N - 1
+    n_top, n_unmasked_top = _diagonal_blocks(start_m, seqlen, ATTEND_CURRENT, BLOCK_M, BLOCK_N)
     # Start at a state-block edge (a row's first key need not be one: the forward's key tile
     # may be finer than STATE_N) so the boundary sums of every block a row reaches get stored;
     # keys left of a row's first key are masked out.
