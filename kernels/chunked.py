@@ -78,6 +78,25 @@ def _visible(qs: int, n: int, ke: int, w: int, shift: int, device: torch.device)
     return keys <= rows - shift
 
 
+def _key_chunk(
+    qc: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, group: int, qs: int, n: int, ke: int,
+    block_k: int, shift: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The nearest-first key chunk ending at ke (at most block_k keys) seen by the query chunk
+    [qs, qs+n), as the forward computes it and the backward recomputes it: (k chunk, v chunk,
+    logits z, softplus with the invisible keys zeroed, visibility mask or None). qc holds the
+    chunk's queries as (b, hkv, group * n, d); kf and vf are k and v flipped along the sequence."""
+    b, hkv, t = kf.shape[:3]
+    ks = max(0, ke - block_k)
+    kb, vb = kf[:, :, t - ke : t - ks], vf[:, :, t - ke : t - ks]
+    z = torch.matmul(qc, kb.transpose(-1, -2)).view(b, hkv, group, n, ke - ks)
+    sp = _softplus(z)
+    mask = _visible(qs, n, ke, ke - ks, shift, qc.device)
+    if mask is not None:
+        sp = sp.masked_fill(~mask, 0.0)
+    return kb, vb, z, sp, mask
+
+
 def _flip_seq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     # One contiguous copy, nearest-first order for every block: block [ks, ke) of the original
     # is rows [T-ke, T-ks) of the flipped copy, so blocks are plain slices.
@@ -119,14 +138,8 @@ def _forward(
         # The float64 total the backward differences against (see the module docstring).
         total = torch.zeros((b, hkv, group, n, 1), dtype=torch.float64, device=q.device)
         for ke in range(qe - shift, 0, -block_k):
-            ks = max(0, ke - block_k)
-            w = ke - ks
-            kb, vb = kf[:, :, t - ke : t - ks], vf[:, :, t - ke : t - ks]
-            z = torch.matmul(qc, kb.transpose(-1, -2)).view(b, hkv, group, n, w)
-            sp = _softplus(z)
-            mask = _visible(qs, n, ke, w, shift, q.device)
-            if mask is not None:
-                sp = sp.masked_fill(~mask, 0.0)
+            kb, vb, z, sp, mask = _key_chunk(qc, kf, vf, group, qs, n, ke, block_k, shift)
+            w = z.shape[-1]
             cum = sp.cumsum(-1)
             log_a = z - cum - stick
             if mask is not None:
@@ -170,14 +183,8 @@ def _backward(
         carry_p = torch.zeros((b, hkv, group, n, 1), dtype=acc, device=q.device)
         # The forward's chunks, walked from the left.
         for ke in reversed(range(qe - shift, 0, -block_k)):
-            ks = max(0, ke - block_k)
-            w = ke - ks
-            kb, vb = kf[:, :, t - ke : t - ks], vf[:, :, t - ke : t - ks]
-            z = torch.matmul(qc, kb.transpose(-1, -2)).view(b, hkv, group, n, w)
-            sp = _softplus(z)
-            mask = _visible(qs, n, ke, w, shift, q.device)
-            if mask is not None:
-                sp = sp.masked_fill(~mask, 0.0)
+            kb, vb, z, sp, mask = _key_chunk(qc, kf, vf, group, qs, n, ke, block_k, shift)
+            w = z.shape[-1]
             left = left + sp.sum(-1, keepdim=True, dtype=torch.float64)
             right = (total - left).to(acc)  # log-stick right of this chunk
             log_a = z - sp.cumsum(-1) - right
@@ -195,8 +202,8 @@ def _backward(
             dz2 = dz.view(b, hkv, group * n, w)
             dqc.add_(torch.matmul(dz2, kb))
             # Rows of all query heads of a kv head are summed by the same matmul (GQA).
-            dkf[:, :, t - ke : t - ks].add_(torch.matmul(dz2.transpose(-1, -2), qc))
-            dvf[:, :, t - ke : t - ks].add_(torch.matmul(a.view(b, hkv, group * n, w).transpose(-1, -2), doc))
+            dkf[:, :, t - ke : t - ke + w].add_(torch.matmul(dz2.transpose(-1, -2), qc))
+            dvf[:, :, t - ke : t - ke + w].add_(torch.matmul(a.view(b, hkv, group * n, w).transpose(-1, -2), doc))
         dqg[:, :, :, qs:qe] = (dqc * inv_temp).view(b, hkv, group, n, d)
     # qc carried inv_temp already, so dk needs no further scaling.
     dk = torch.flip(dkf, (-2,)).to(k.dtype)
