@@ -157,16 +157,14 @@ def triton_sb_fwd(
     stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
     if rows == 0:
         return o, rem, logrem, stop
-    block_m = f["fwd_BLOCK_M"]
-    skip = f["skip_log2"] > SKIP_OFF
-    grid = (triton.cdiv(longest, block_m), n_seq * heads)
+    options = launch_options(f, q.dtype, head_dim, attend_current, varlen)["fwd"]
+    grid = (triton.cdiv(longest, options["BLOCK_M"]), n_seq * heads)
     kernels.sb_fwd_kernel[grid](
         q, k, v, o, rem, logrem, stop, cu_seqlens if varlen else stop,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(o, varlen),
         *_rem_strides(rem, varlen),
         t_dense, rows, heads, heads // kv_heads, head_dim, inv_temp * LOG2E,
-        float(-f["skip_log2"]) if skip else 0.0,
-        **launch_options(f, q.dtype, head_dim, attend_current, varlen)["fwd"],
+        float(-f["skip_log2"]) if options["SKIP"] else 0.0, **options,
     )
     return o, rem, logrem, stop
 

@@ -354,16 +354,19 @@ def export_command(
         "$SBBENCH_CONFIG_DIR entry, else ~/.cache/sbbench/configs.", show_default=False)] = None,
     backend: Annotated[Optional[str], typer.Option(
         "--backend", help="Export only this backend's studies.", show_default=False)] = None,
-    min_speedup: Annotated[float, typer.Option(
+    min_speedup: Annotated[Optional[float], typer.Option(
         "--min-speedup", help="Keep the default config of a key unless the best one is at least this "
-        "much faster in its study (latency medians vary by about 1% between runs).")] = 1.02,
+        "much faster in its study (latency medians vary by about 1% between runs). Default: 1.02.",
+        show_default=False)] = None,
 ) -> None:
     """Write the best feasible config of every tuned key as config files (one per device and
     backend) that the backends then use through sbbench.core.config_loader."""
-    from sbbench.autotune.export import export_configs
+    from sbbench.autotune.export import DEFAULT_MIN_SPEEDUP, export_configs
     from sbbench.autotune.store import default_export_dir
     from sbbench.core.config_loader import ENV_VAR
 
+    if min_speedup is None:
+        min_speedup = DEFAULT_MIN_SPEEDUP
     if not min_speedup >= 1.0:
         raise _usage(f"--min-speedup: expected a number >= 1, got {min_speedup}")
     out_dir = out if out is not None else default_export_dir()
