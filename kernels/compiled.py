@@ -2,7 +2,9 @@
 
 Inductor fuses the elementwise stick-breaking transform around the two matmuls, so this is the
 "what does the compiler buy you" baseline; it still materialises T x T scores (no O(T) memory).
-Runs wherever inductor does: CUDA, or the CPU with a C++ compiler.
+Runs wherever inductor does: CUDA, or the CPU with a C++ compiler. The formula is the reference's
+with one change of arrangement, not of math: the sum over the keys between j and i is an
+exclusive reverse cumsum (see ``stick_breaking_weights_exclusive`` for why).
 
 Recompiles stay bounded: shapes are compiled dynamic (one graph serves every T, B, H, D, apart from
 the size-1 specialisations), and each combination of the things dynamo must guard on anyway
@@ -19,11 +21,53 @@ import types
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from sbbench.core.problem import AttnProblem
 from sbbench.core.registry import register_backend
 from sbbench.kernels.reference import dense_naive
 from sbbench.kernels.varlen import run_per_sequence
+
+
+def stick_breaking_weights_exclusive(
+    z: torch.Tensor, attend_current: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.stick_breaking_weights`` with the sum over keys j < l < i taken as the
+    inclusive reverse cumsum shifted by one key, not as the inclusive one minus key j's own term;
+    and rem read off the inclusive sum at key 0 instead of a separate sum.
+
+    Why (float16/bfloat16 dq, dk were 10-40x over budget on ``mixed`` inputs, on the CPU): the
+    backward of "inclusive minus own term" is cumsum(g) - g, g = dA * A. Inductor runs the cumsum
+    as an aten call on g rounded to the input dtype, but recomputes the subtracted g in float32
+    inside the fused kernel around it. Behind a key with A ~ 1 (a beacon) the two nearly cancel,
+    and what is left is g's rounding (half an ulp of |g| ~ 1: 5e-4 in float16) instead of the true
+    sum of the farther keys (~1e-6); eager subtracts the same rounded g and cancels exactly. The
+    shift has no subtraction to get wrong, in any dtype (and the forward no longer rounds a sum
+    that includes key j's own -softplus(z_j) before taking it off: o's float16 error drops ~7x on
+    ``mixed``). rem from the cumsum also fixes float32 rem: the training graph summed each row one
+    key at a time in float32 (over budget at T = 700), while the CPU's cumsum accumulates float32
+    in float64.
+    """
+    t = z.shape[-1]
+    rows = torch.arange(t, device=z.device)
+    keep = rows[None, :] <= rows[:, None] if attend_current else rows[None, :] < rows[:, None]
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    log_beta = F.logsigmoid(z)
+    log_one_minus_beta = torch.where(keep, F.logsigmoid(-z), zero)
+    # inclusive[..., j] = sum over keys l >= j; the sum over l > j is it shifted left by one key.
+    inclusive = torch.flip(torch.cumsum(torch.flip(log_one_minus_beta, (-1,)), -1), (-1,))
+    suffix = F.pad(inclusive[..., 1:], (0, 1))
+    weights = torch.where(keep, torch.exp(log_beta + suffix), zero)
+    rem = torch.exp(inclusive[..., 0])
+    return weights, rem
+
+
+def dense_formula(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_temp: float, attend_current: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.dense_naive`` with ``stick_breaking_weights_exclusive``: what gets compiled."""
+    return dense_naive(q, k, v, inv_temp, attend_current, stick_breaking_weights_exclusive)
+
 
 _CacheKey = tuple[bool, torch.dtype, str, bool]
 _COMPILED: dict[_CacheKey, Callable] = {}
@@ -37,14 +81,14 @@ def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
 
 
 def compiled_fn(attend_current: bool, dtype: torch.dtype, device_type: str, needs_grad: bool) -> Callable:
-    """The cached ``torch.compile``d ``dense_naive`` for one guard combination."""
+    """The cached ``torch.compile``d ``dense_formula`` for one guard combination."""
     key = (attend_current, dtype, device_type, needs_grad)
     fn = _COMPILED.get(key)
     if fn is None:
         with _LOCK:
             fn = _COMPILED.get(key)
             if fn is None:
-                fn = torch.compile(_fresh_function(dense_naive), dynamic=True)
+                fn = torch.compile(_fresh_function(dense_formula), dynamic=True)
                 _COMPILED[key] = fn
     return fn
 
@@ -92,7 +136,7 @@ def compiled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.compiler.is_compiling():
         # Already inside a caller's torch.compile: the formula joins the caller's graph.
-        fn = dense_naive
+        fn = dense_formula
     else:
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         fn = compiled_fn(bool(attend_current), q.dtype, q.device.type, needs_grad)

@@ -7,6 +7,8 @@ weights, and is differentiable through plain autograd.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -34,12 +36,14 @@ def stick_breaking_weights(
 
 
 def dense_naive(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_temp: float, attend_current: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_temp: float, attend_current: bool,
+    transform: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]] = stick_breaking_weights,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The formula on dense (B, H, T, D) input; GQA by repeating k/v heads."""
+    """The formula on dense (B, H, T, D) input; GQA by repeating k/v heads. ``transform`` maps
+    the logits to (weights, rem): ``compiled`` passes its own arrangement of the same math."""
     k, v = expand_kv_heads(q, k, v)
     z = inv_temp * torch.matmul(q, k.transpose(-1, -2))
-    weights, rem = stick_breaking_weights(z, attend_current)
+    weights, rem = transform(z, attend_current)
     return torch.matmul(weights, v), rem
 
 
