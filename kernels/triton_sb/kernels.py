@@ -36,6 +36,8 @@ visited; the backward masks every key left of it, so both passes compute the sam
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -44,6 +46,43 @@ import triton.language as tl
 # weight, sigmoid and gradient all come out exactly 0 from the unmasked arithmetic: one select on
 # the logits instead of one on each of those.
 MASKED_LOGIT2: tl.constexpr = tl.constexpr(-1000.0)
+
+
+# PTX inline assembly where Triton's portable lowering costs extra instructions per score. The
+# interpreter (TRITON_INTERPRET=1: the CPU tests) cannot run assembly and takes the portable
+# form, which computes the same values to within an ulp; the GPU tests cover the assembly.
+NATIVE_ASM: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def _rcp_1_to_2(x):
+    """1 / x for x in [1, 2]. Triton's ``/`` is PTX div.full, which guards the divisor's range
+    (a compare, a select, a predicated scale and a multiply around the reciprocal: 5 instructions
+    per score in the backward); on [1, 2] rcp.approx alone is within 1 ulp."""
+    if NATIVE_ASM:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _to_fp16_saturated(x, SATFINITE: tl.constexpr, NONNEG: tl.constexpr):
+    """x (float32) in fp16, values beyond fp16's range saturated instead of inf: an inf would
+    turn the scan's product with the 0/1 matrix into NaN (inf * 0). SATFINITE: one
+    cvt.satfinite for two values, instead of one clamp per value (two unless NONNEG) before the
+    conversion. The forward and the dQ kernel save those instructions; in the dK/dV kernel the
+    assembly raised register use past the limit (spills at D=64 and three times as many at
+    D=128: sass tool), so it clamps."""
+    if SATFINITE and NATIVE_ASM:
+        return tl.inline_asm_elementwise(
+            "cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2
+        )
+    elif NONNEG:
+        return tl.minimum(x, 65504.0).to(tl.float16)
+    else:
+        return tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
 
 
 @triton.jit
@@ -112,25 +151,22 @@ def _scan_matrix(BLOCK_N: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.constexpr):
+def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, SATFINITE: tl.constexpr, NONNEG: tl.constexpr):
     """Exclusive running sum of x (fp32, [BLOCK_M, BLOCK_N]) along its key axis: of the entries
     right of each one when REVERSE (suffix), else of those left of it (prefix); ``tri`` is
     ``_scan_matrix(BLOCK_N, REVERSE)``. Exclusive, so an entry's own value never passes through
     the fp16 rounding of the matrix-product scan: a key with a saturated sigmoid (beta ~ 1) would
-    otherwise lose its gradient to that rounding. NONNEG: x >= 0, so one clamp is enough."""
+    otherwise lose its gradient to that rounding. NONNEG: x >= 0. SATFINITE: see
+    ``_to_fp16_saturated``."""
     if SCAN == 0:
         return tl.cumsum(x, axis=1, reverse=REVERSE) - x
     else:
-        # fp16 holds +-65504 (beyond, inf * 0 = NaN in the product); values that large only
-        # arise where the weights are 0 anyway.
-        if NONNEG:
-            x = tl.minimum(x, 30000.0)
-        else:
-            x = tl.minimum(tl.maximum(x, -30000.0), 30000.0)
-        hi = x.to(tl.float16)
+        # Saturated, not clamped by hand: values beyond fp16's range arise only where the
+        # weights are 0 anyway, and must not become inf (inf * 0 = NaN in the product).
+        hi = _to_fp16_saturated(x, SATFINITE, NONNEG)
         s = tl.dot(hi, tri)
         if SCAN == 2:
-            lo = (x - hi.to(tl.float32)).to(tl.float16)
+            lo = _to_fp16_saturated(x - hi.to(tl.float32), SATFINITE, False)
             s = tl.dot(lo, tri, s)
         return s
 
@@ -225,7 +261,7 @@ def _fwd_block(
         z2 = tl.where(valid, z2, MASKED_LOGIT2)
     sp2, _ = _softplus2(z2, ACCURATE, SCAN)
     # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry
-    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True, True)
     weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
     # Running log-stick (float64 for float32 inputs): the backward rebuilds it from the left as
@@ -341,18 +377,22 @@ def sb_fwd_kernel(
 @triton.jit
 def _bwd_block_logits(
     q, k, keys, offs_m, stop, scale2,
-    CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr, SCAN: tl.constexpr,
 ):
-    """Logits of one block: (z2, softplus2, 2^-|z2|, row sums of softplus2), masked entries
-    set to MASKED_LOGIT2."""
-    valid = keys[None, :] >= stop[:, None]
-    if CAUSAL:
-        if ATTEND_CURRENT:
-            valid = valid & (keys[None, :] <= offs_m[:, None])
-        else:
-            valid = valid & (keys[None, :] < offs_m[:, None])
-    z2 = tl.where(valid, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2, MASKED_LOGIT2)
+    """Logits of one block: (z2, softplus2, 2^-|z2|, row sums of softplus2). MASKED: entries
+    left of a row's first key (``stop``), and right of its diagonal when CAUSAL, are set to
+    MASKED_LOGIT2. Blocks every row sees whole skip that compare and select (two to four
+    instructions of the backward's ~50-65 per score)."""
+    z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+    if MASKED:
+        valid = keys[None, :] >= stop[:, None]
+        if CAUSAL:
+            if ATTEND_CURRENT:
+                valid = valid & (keys[None, :] <= offs_m[:, None])
+            else:
+                valid = valid & (keys[None, :] < offs_m[:, None])
+        z2 = tl.where(valid, z2, MASKED_LOGIT2)
     sp2, e = _softplus2(z2, ACCURATE, SCAN)
     return z2, sp2, e, _row_sum(sp2, ACCURATE)
 
@@ -360,20 +400,20 @@ def _bwd_block_logits(
 @triton.jit
 def _bwd_block_grads(
     z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix,
-    SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr, SATFINITE: tl.constexpr,
 ):
     """Weights and logit gradients of one block, given per row the sum of sp2 right of it
     (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g). Masked entries
     (z2 = MASKED_LOGIT2) come out as A = g = dz = 0 from the arithmetic itself."""
-    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, SATFINITE, True)
     weights = tl.exp2(z2 - sp2 - suffix - r_right[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     g = weights * dp
-    p_excl = _scan_excl(g, tri_prefix, SCAN, False, False) + carry_p[:, None]
+    p_excl = _scan_excl(g, tri_prefix, SCAN, False, SATFINITE, False) + carry_p[:, None]
     # sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal (instead of two more
     # exponentials): 1/(1+e) is the larger of the two, e/(1+e) the smaller, each to a few ulps
     # even where the other rounds to 1.
-    big = 1.0 / (1.0 + e)
+    big = _rcp_1_to_2(1.0 + e)
     small = e * big
     beta = tl.where(z2 >= 0, big, small)
     one_minus_beta = tl.where(z2 >= 0, small, big)
@@ -384,29 +424,40 @@ def _bwd_block_grads(
 
 @triton.jit
 def _dq_block(
-    dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
-    row_ok, row_slot, STATE_R, STATE_P, n_top, tri_suffix, tri_prefix,
-    CAUSAL: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
-    STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+    dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen, stop,
+    total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
+    """Key block n of the dQ walk. MASKED: some rows start right of the block's first key (their
+    ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end)."""
     keys = n * BLOCK_N + offs_n
+    if CAUSAL:
+        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    else:
+        kv_mask = offs_d[None, :] < HEAD_DIM
+    k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
     ns = (n * BLOCK_N) // STATE_N
     has_slot = row_ok & (ns <= offs_m // STATE_N)
     # P left of a state block is stored at the block's left edge ...
     tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
     z2, sp2, e, sp_sum = _bwd_block_logits(
-        q, k, keys, offs_m, stop, scale2, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
+        q, k, keys, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
     weights, dz, g_sum = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION,
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, True,
     )
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += g_sum
     # ... and the stick right of it at its right edge (or where the walk ends).
     at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
     tl.store(STATE_R + row_slot + ns, r_right, mask=has_slot & at_right_edge)
+    # max is order-independent: the result is deterministic whatever the arrival order.
+    tl.atomic_max(row_hi + ns, last_row)
     return dq, carry_f, carry_p
 
 
@@ -473,27 +524,31 @@ def sb_bwd_dq_kernel(
     carry_p = tl.zeros([BLOCK_M], dtype=tl.float32)  # g summed over blocks left of n
     row_hi = ROW_HI + (pid_b * (num_heads // group) + pid_hk).to(tl.int64) * num_key_blocks
     last_row = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    for n in range(n_bottom, n_unmasked_top + 1):
-        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    # Left of the diagonal, blocks that start left of some row's first key mask those keys;
+    # from the first block right of every row's first key on (all of them, unless the forward
+    # skipped), nothing is masked.
+    n_whole = tl.minimum(tl.cdiv(tl.max(tl.where(row_ok, stop, 0), 0), BLOCK_N), n_unmasked_top + 1)
+    for n in range(n_bottom, n_whole):
         dq, carry_f, carry_p = _dq_block(
-            dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
-            row_ok, row_slot, STATE_R, STATE_P, n_top, tri_suffix, tri_prefix, False, ATTEND_CURRENT, BLOCK_N, STATE_N,
-            SCAN, PRECISION, ACCURATE,
+            dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
+            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
+            tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
+            ACCURATE,
         )
-        # max is order-independent: the result is deterministic whatever the arrival order.
-        tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
+    for n in range(tl.maximum(n_bottom, n_whole), n_unmasked_top + 1):
+        dq, carry_f, carry_p = _dq_block(
+            dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
+            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
+            tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
+            ACCURATE,
+        )
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
-        keys = n * BLOCK_N + offs_n
-        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
         dq, carry_f, carry_p = _dq_block(
-            dq, carry_f, carry_p, q, do, k, v, n, offs_n, offs_m, stop, total, drem_rem, scale2,
-            row_ok, row_slot, STATE_R, STATE_P, n_top, tri_suffix, tri_prefix, True, ATTEND_CURRENT, BLOCK_N, STATE_N,
-            SCAN, PRECISION, ACCURATE,
+            dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
+            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
+            tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
+            ACCURATE,
         )
-        tl.atomic_max(row_hi + (n * BLOCK_N) // STATE_N, last_row)
     dq = dq * inv_temp
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
 
@@ -501,6 +556,40 @@ def sb_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward, part 2: dK and dV, key-major, each block recomputed from its stored boundary sums
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n, offs_d,
+    stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+):
+    """dK and dV of the key block from query tile m of one head."""
+    offs_m = m * BLOCK_M + offs_mm
+    row_ok = offs_m < seqlen
+    md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
+    drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
+    stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
+    # Rows before this key block, or whose walk stopped right of it, read nothing: the dQ
+    # kernel wrote no boundary sums for them, and uninitialised sums would reach the
+    # arithmetic (masked entries are zeroed by it, not selected away).
+    seen = row_ok & (offs_m // BLOCK_N >= pid_n) & (stop < start_n + BLOCK_N)
+    slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
+    r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
+    carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
+    stop = tl.where(seen, stop, 2147483647)
+    z2, sp2, e, _ = _bwd_block_logits(
+        q, k, offs_n, offs_m, stop, scale2, True, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
+    )
+    weights, dz, _ = _bwd_block_grads(
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, False,
+    )
+    dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -558,32 +647,21 @@ def sb_bwd_dkdv_kernel(
         do_head = do_base + pid_h * stride_doh
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
-        for m in range(m_first, m_last + 1):
-            offs_m = m * BLOCK_M + offs_mm
-            row_ok = offs_m < seqlen
-            md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
-            do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
-            drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
-            stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
-            # Rows before this key block, or whose walk stopped right of it, read nothing: the dQ
-            # kernel wrote no boundary sums for them, and uninitialised sums would reach the
-            # arithmetic (masked entries are zeroed by it, not selected away).
-            seen = row_ok & (offs_m // BLOCK_N >= pid_n) & (stop < start_n + BLOCK_N)
-            slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
-            r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
-            carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
-            stop = tl.where(seen, stop, 2147483647)
-            # The causal mask covers the diagonal; it costs a compare and a select per element,
-            # cheaper than a second loop for the few tiles that need it.
-            z2, sp2, e, _ = _bwd_block_logits(
-                q, k, offs_n, offs_m, stop, scale2, True, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
+        # Tiles on the diagonal need the causal mask; below it only rows whose walk started
+        # inside the block (skipping) mask keys, which a compare on ``stop`` covers.
+        m_below = tl.cdiv(start_n + BLOCK_N - ATTEND_CURRENT, BLOCK_M)
+        for m in range(m_first, tl.minimum(m_below, m_last + 1)):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+                True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
-            weights, dz, _ = _bwd_block_grads(
-                z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION,
+        for m in range(tl.maximum(m_first, m_below), m_last + 1):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+                False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
-            dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
-            dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
     dk = dk * inv_temp
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)

@@ -109,18 +109,24 @@ def _resources(cubin_path: str) -> tuple[int, int]:
 
 
 def _loops(sass: str, scores_per_thread: float) -> list[Loop]:
-    """Loops as the code between a label and a later branch back to it."""
+    """Innermost loops, each the code between a label and a later branch back to it. An outer
+    loop (the dK/dV kernel's loop over the heads of a group around its query-tile loops) holds
+    several inner ones, and its counts would be their sum, not one pass over a tile."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line.strip()))}
-    loops = []
+    spans = []
     for i, line in enumerate(lines):
         target = _BRANCH.search(line)
         if target and labels.get(target.group(1), i) < i:
-            loop = Loop(scores_per_thread=scores_per_thread)
-            for body_line in lines[labels[target.group(1)]:i + 1]:
-                if m := _INSTRUCTION.match(body_line):
-                    loop.opcodes[m.group(1) + m.group(2)] += 1
-            loops.append(loop)
+            spans.append((labels[target.group(1)], i))
+    innermost = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    loops = []
+    for start, end in innermost:
+        loop = Loop(scores_per_thread=scores_per_thread)
+        for body_line in lines[start:end + 1]:
+            if m := _INSTRUCTION.match(body_line):
+                loop.opcodes[m.group(1) + m.group(2)] += 1
+        loops.append(loop)
     return loops
 
 
