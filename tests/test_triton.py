@@ -16,6 +16,7 @@ from sbbench.harness.cases import Case
 from sbbench.harness.inputs import make_inputs
 from sbbench.kernels.reference import reference
 from sbbench.kernels.triton_sb import DEFAULT_CONFIG, _skipped_fraction
+from sbbench.kernels.triton_sb import op as triton_op
 
 # Small tiles so short sequences cross many blocks, the diagonal and ragged edges.
 SMALL = {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16, "bwd_BLOCK_M": 16, "bwd_BLOCK_N": 16,
@@ -136,6 +137,55 @@ def test_backward_is_deterministic(device):
         runs.append(torch.autograd.grad(o.sum() + rem.sum(), (q, k, v)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def _grads(q, k, v, config, cu_seqlens=None, max_seqlen=None):
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    o, rem = sb_attn(q, k, v, 0.3, False, backend="triton", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                     config=config)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(o.shape, generator=gen).to(o)
+    drem = torch.randn(rem.shape, generator=gen).to(rem)
+    return torch.autograd.grad((o, rem), (q, k, v), (do, drem))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_backward_by_head_groups_is_bit_identical(varlen, device, monkeypatch):
+    """Under a boundary-state budget the backward runs one launch pair per group of kv heads; with
+    the budget at zero every kv head is its own group, and the gradients must not change by a bit
+    (a wrong head offset in any launch would move them)."""
+    if varlen:
+        lengths = [40, 1, 23]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        q, k, v = _inputs((sum(lengths), 6, 32), 3, torch.float16, device)
+        extra = {"cu_seqlens": cu, "max_seqlen": max(lengths)}
+    else:
+        q, k, v = _inputs((2, 6, 50, 32), 3, torch.float16, device)
+        extra = {}
+    whole = _grads(q, k, v, SMALL, **extra)
+    monkeypatch.setattr(triton_op, "STATE_BUDGET_Q_MULTIPLE", 0)
+    assert triton_op.kv_heads_per_launch(q, 3, 10**6) == 1
+    grouped = _grads(q, k, v, SMALL, **extra)
+    for name, a, b in zip(("dq", "dk", "dv"), whole, grouped):
+        assert torch.equal(a, b), name
+
+
+def test_boundary_state_budget_at_long_sequences():
+    """At B=4, H=24, D=64, T=16k (bf16) the boundary sums of all heads would take 1.5 GiB, 8x
+    q's bytes; under the default budget (2x q's bytes) one launch takes 5 kv heads, the most
+    that fit."""
+    q = torch.empty((4, 24, 16384, 64), dtype=torch.bfloat16, device="meta")
+    state_n = DEFAULT_CONFIG["bwd_dkdv_BLOCK_N"]
+    state_total = 4 * int(triton_op._state_slots(torch.tensor(16384), state_n))
+    q_bytes = q.numel() * q.element_size()
+    per_head = 2 * 4 * state_total
+    assert 8 < per_head * 24 / q_bytes < 8.1
+    step = triton_op.kv_heads_per_launch(q, 24, state_total)
+    budget = triton_op.STATE_BUDGET_Q_MULTIPLE * q_bytes
+    assert step == 5 and per_head * step <= budget < per_head * (step + 1)
+    # Short sequences keep one launch; GQA groups never split.
+    assert triton_op.kv_heads_per_launch(q[:, :, :2048], 24, 4 * int(triton_op._state_slots(torch.tensor(2048), state_n))) == 24
+    assert triton_op.kv_heads_per_launch(q, 3, state_total) == 1
 
 
 def test_torch_compile_fullgraph(device):

@@ -186,6 +186,25 @@ def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
 # ---------------------------------------------------------------------------------------------
 
 
+# The dQ kernel leaves two float32 boundary sums per (row, dK/dV key block) for the dK/dV kernel:
+# heads x T^2 / STATE_N floats, which outgrow everything else at long T (at B=4, H=24, D=64,
+# T=16k with 64-key blocks: 1.5 GiB, which made the backward's peak 1.52x FlashAttention-2's).
+# The backward therefore runs over groups of kv heads (with their query heads) whose sums fit in
+# this multiple of q's bytes: FlashAttention-2 itself holds a float32 dq accumulator, twice q's
+# bytes for bf16 input. Heads are independent, so the gradients are bit-identical whatever the
+# grouping; each group is two more launches, each still B x heads x T / tile programs.
+STATE_BUDGET_Q_MULTIPLE = 2
+
+
+def kv_heads_per_launch(q: torch.Tensor, kv_heads: int, state_total: int) -> int:
+    """How many kv heads (each with its query heads) one backward launch takes under the
+    boundary-state budget: at least one, at most all."""
+    group = q.shape[1] // kv_heads
+    state_bytes_per_kv_head = 2 * 4 * state_total * group
+    budget = STATE_BUDGET_Q_MULTIPLE * q.numel() * q.element_size()
+    return max(1, min(kv_heads, budget // max(state_bytes_per_kv_head, 1)))
+
+
 def _state_slots(lengths: torch.Tensor, block_n: int) -> torch.Tensor:
     """Boundary-state slots a sequence of each length needs: row i owns i // block_n + 1."""
     full, part = lengths // block_n, lengths % block_n
@@ -231,28 +250,39 @@ def triton_sb_bwd(
         per_seq = int(_state_slots(torch.tensor(t_dense), state_n))
         cu_states = torch.tensor([0, per_seq], dtype=torch.int64, device=q.device)
         state_total = n_seq * per_seq
-    state_r = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
-    state_p = torch.empty((heads, state_total), dtype=torch.float32, device=q.device)
-    drem_rem = torch.empty((heads, rows), dtype=torch.float32, device=q.device)
-    # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
-    row_hi = torch.full((n_seq * kv_heads, num_key_blocks), -1, dtype=torch.int32, device=q.device)
+    group = heads // kv_heads
+    kv_step = kv_heads_per_launch(q, kv_heads, state_total)
+    # Scratch for one launch's heads, reused by the next.
+    state_r = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
+    state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
+    drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
     cu = cu_seqlens if varlen else stop
     options = launch_options(f, q.dtype, head_dim, attend_current, varlen)
     scale2 = inv_temp * LOG2E
-    kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * heads)](
-        q, k, v, do, drem, logrem, stop, cu, cu_states, dq, drem_rem, state_r, state_p, row_hi,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
-        *_strides3(do, varlen), *_rem_strides(drem, varlen), *_strides3(dq, varlen),
-        t_dense, rows, state_total, heads, heads // kv_heads, head_dim, scale2, inv_temp,
-        num_key_blocks, **options["bwd_dq"],
-    )
-    kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * kv_heads)](
-        q, k, v, do, stop, cu, cu_states, drem_rem, state_r, state_p, row_hi, dk, dv,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
-        *_strides3(dk, varlen), *_strides3(dv, varlen),
-        t_dense, rows, state_total, kv_heads, heads // kv_heads, head_dim, scale2, inv_temp,
-        num_key_blocks, **options["bwd_dkdv"],
-    )
+    for hk0 in range(0, kv_heads, kv_step):
+        # Heads are dim 1 of every tensor, dense (B, H, T, ...) or packed (total, H, ...), and
+        # dim 0 of the per-row (H, rows) buffers.
+        hk1 = min(hk0 + kv_step, kv_heads)
+        n_kv, h0, h1 = hk1 - hk0, hk0 * group, hk1 * group
+        qc, doc, dremc, dqc = (x[:, h0:h1] for x in (q, do, drem, dq))
+        kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
+        # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
+        row_hi = torch.full((n_seq * n_kv, num_key_blocks), -1, dtype=torch.int32, device=q.device)
+        kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * (h1 - h0))](
+            qc, kc, vc, doc, dremc, logrem[h0:h1], stop[h0:h1], cu, cu_states, dqc, drem_rem, state_r, state_p,
+            row_hi,
+            *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen),
+            *_strides3(doc, varlen), *_rem_strides(dremc, varlen), *_strides3(dqc, varlen),
+            t_dense, rows, state_total, h1 - h0, group, head_dim, scale2, inv_temp,
+            num_key_blocks, **options["bwd_dq"],
+        )
+        kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * n_kv)](
+            qc, kc, vc, doc, stop[h0:h1], cu, cu_states, drem_rem, state_r, state_p, row_hi, dkc, dvc,
+            *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen), *_strides3(doc, varlen),
+            *_strides3(dkc, varlen), *_strides3(dvc, varlen),
+            t_dense, rows, state_total, n_kv, group, head_dim, scale2, inv_temp,
+            num_key_blocks, **options["bwd_dkdv"],
+        )
     return dq, dk, dv
 
 

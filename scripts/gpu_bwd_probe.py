@@ -1,0 +1,103 @@
+"""Backward-kernel probe for one GPU call: per-kernel CUDA time (torch profiler) of launch-config
+variants of the dQ and dK/dV kernels, the forward with and without skip checks, beside
+FlashAttention-2 (SDPA flash) in the same run, in the `dense` regime at T=8192; then peak
+memory at T=16384, D=64, H=24 for the dK/dV key tiles. Prints a table last and writes
+$OUT/bwd_probe.json. For choosing defaults; the figures of record come from `sbbench bench`.
+
+Each variant runs one forward+backward; its dQ and dK/dV times are read separately, so one run
+measures one dQ variant and one dK/dV variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_probe import bench, kernel_split, peak_mem, results, sdpa_flash, time_fa2  # noqa: E402
+
+from sbbench.kernels.triton_sb import DEFAULT_CONFIG, triton_sb_attn  # noqa: E402
+from sbbench.kernels.triton_sb.op import SKIP_OFF  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+
+# (name, config over the default): dQ tile / dK/dV tile pairs, measured together.
+VARIANTS = [
+    ("default", {}),
+    ("dq128x32w8 | dkdv64x64w4", {"bwd_BLOCK_M": 128, "bwd_num_warps": 8, "bwd_dkdv_BLOCK_M": 64}),
+    ("dq64x64 | dkdv128x64w8", {"bwd_BLOCK_N": 64, "bwd_dkdv_BLOCK_M": 128, "bwd_dkdv_num_warps": 8}),
+    ("dq128x64w8 | dkdv32x128w8", {"bwd_BLOCK_M": 128, "bwd_BLOCK_N": 64, "bwd_num_warps": 8,
+                                   "bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_num_warps": 8}),
+    ("dq64x16 | dkdv64x32w4", {"bwd_BLOCK_N": 16, "bwd_dkdv_BLOCK_M": 64, "bwd_dkdv_BLOCK_N": 32}),
+    ("dq64x32s3 | dkdv16x64w4", {"bwd_num_stages": 3, "bwd_dkdv_BLOCK_M": 16}),
+    ("fwd noskip", {"skip_log2": SKIP_OFF}),
+    ("fwd 128x32w8", {"fwd_BLOCK_M": 128, "fwd_num_warps": 8}),
+]
+
+
+def main() -> None:
+    t0 = time.time()
+    table = []
+    for B, H, D in ((4, 12, 128), (4, 24, 64)):
+        T = 8192
+        flops = 4 * B * H * T * T * D / 2
+        fa = time_fa2(B, H, T, D)
+        results[f"fa2_D{D}"] = fa
+        fa_fwd_ms = flops / fa["fwd"] / 1e9
+        fa_fb_ms = 3.5 * flops / fa["fwdbwd"] / 1e9
+        table.append((f"D{D} fa2", fa_fwd_ms, fa_fb_ms - fa_fwd_ms, 0.0, fa_fb_ms, 1.0, 1.0))
+        for name, cfg in VARIANTS:
+            try:
+                ms = kernel_split(B, H, T, D, cfg)
+            except Exception as exc:  # a variant that fails is a row, not the end of the probe
+                table.append((f"D{D} {name}", 0, 0, 0, 0, 0, 0))
+                results.setdefault("errors", []).append((D, name, repr(exc)[:300]))
+                continue
+            fwd = sum(v for k, v in ms.items() if k.startswith("fwd"))
+            dq = sum(v for k, v in ms.items() if "dq" in k)
+            dkdv = sum(v for k, v in ms.items() if "dkdv" in k)
+            total = sum(ms.values())
+            results.setdefault("variants", []).append({"D": D, "name": name, "config": cfg, "kernel_ms": ms})
+            table.append((f"D{D} {name}", fwd, dq, dkdv, total, fa_fwd_ms / fwd, fa_fb_ms / total))
+            print(table[-1], flush=True)
+    print("timings done %.0fs" % (time.time() - t0), flush=True)
+
+    B, H, T, D = 4, 24, 16384, 64
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    m_fa = peak_mem(lambda: sdpa_flash(q, k, v).backward(do), (q, k, v))
+    mem = [("fa2", m_fa)]
+    for name, cfg in (("default", {}), ("dkdv32x128w8", {"bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_num_warps": 8}),
+                      ("dkdv64x128w8", {"bwd_dkdv_BLOCK_M": 64, "bwd_dkdv_BLOCK_N": 128, "bwd_dkdv_num_warps": 8})):
+        def sb_fb(cfg=cfg):
+            o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(D), False, config={**DEFAULT_CONFIG, **cfg})
+            torch.autograd.backward((o, rem), (do, torch.ones_like(rem)))
+
+        q.grad = k.grad = v.grad = None
+        try:
+            m = peak_mem(sb_fb, (q, k, v))
+            ms = bench(sb_fb)
+        except Exception as exc:
+            m, ms = float("nan"), float("nan")
+            results.setdefault("errors", []).append(("mem", name, repr(exc)[:300]))
+        mem.append((name, m, ms))
+    results["mem16k_d64"] = mem
+    with open(os.path.join(OUT, "bwd_probe.json"), "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    print("total %.0fs" % (time.time() - t0))
+    print(f"{'variant':34} {'fwd ms':>7} {'dQ ms':>7} {'dKdV ms':>8} {'f+b ms':>8} {'fwd/fa2':>8} {'f+b/fa2':>8}")
+    for row in table:
+        print(f"{row[0]:34} {row[1]:7.3f} {row[2]:7.3f} {row[3]:8.3f} {row[4]:8.3f} {row[5]:8.3f} {row[6]:8.3f}")
+    for row in mem:
+        print("mem16k D64", *row, f"{row[1] / m_fa:.3f}x fa2")
+    for err in results.get("errors", []):
+        print("error", err)
+
+
+if __name__ == "__main__":
+    main()
