@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of record, one stage per device call (each fits in a 10-minute call):
-#   bash scripts/gpu_session.sh setup check|bench|tune|grid|final
+#   bash scripts/gpu_session.sh setup check|bench|probe|tune|grid|final
 # Results land in $OUT (copied by the lead into reports/<device>/). Needs the optuna wheels in
 # .whl/ (see ../shared/wheels) for the tune stages.
 set -uo pipefail
@@ -43,6 +43,11 @@ for stage in "$@"; do
         --seqlens 2048 --dtype bf16,fp16 --regime all --json "$OUT/check_varlen.json" 2>&1 | tail -3
       sbbench check --backends triton --batch 2 --heads 4 --kv-heads 2 --head-dim 80,128 --seqlens 1000 \
         --dtype fp32 --regime all --json "$OUT/check_fp32.json" 2>&1 | tail -3
+      ;;
+    probe)
+      # Per-kernel times of backward tile variants beside FA2, and D=64 T=16k memory: for
+      # choosing defaults after a kernel change (not figures of record).
+      python3 scripts/gpu_bwd_probe.py 2>&1 | tail -30
       ;;
     memcheck)
       python3 scripts/memory_by_hand.py 2>&1 | tee "$OUT/memory_by_hand.log"
