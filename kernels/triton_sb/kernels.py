@@ -163,8 +163,8 @@ def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, SATFINITE: tl.
     if SCAN == 0:
         return tl.cumsum(x, axis=1, reverse=REVERSE) - x
     else:
-        # Saturated, not clamped by hand: values beyond fp16's range arise only where the
-        # weights are 0 anyway, and must not become inf (inf * 0 = NaN in the product).
+        # Values beyond fp16's range arise only where the weights are 0 anyway; they are
+        # saturated so that none becomes inf (inf * 0 = NaN in the product).
         hi = _to_fp16_saturated(x, SATFINITE, NONNEG)
         s = tl.dot(hi, tri)
         if SCAN == 2:
