@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of record, one stage per device call (each fits in a 10-minute call):
-#   bash scripts/gpu_session.sh setup check|bench|probe|tune|grid|final
+#   bash scripts/gpu_session.sh check|bench|varlen|probe|memcheck|tune|tune_bwd|grid|final
 # Results land in $OUT (copied by the lead into reports/<device>/). Needs the optuna wheels in
 # .whl/ (see ../shared/wheels) for the tune stages.
 set -uo pipefail
@@ -67,6 +67,22 @@ for stage in "$@"; do
         --space bwd_dkdv_num_warps=4,8 --space bwd_dkdv_num_stages=1 2>&1 | tail -40
       sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -22
       cp .device/tune.db "$OUT/tune.db"
+      ;;
+    tune_bwd)
+      # After the backward's rework: the dQ / dK/dV tiles per head dim, exhaustively over the
+      # choices gpu_bwd_probe.py found competitive, 1-stage dK/dV only (2 stages miscompiled dK
+      # before: see kernels/triton_sb/__init__.py). Exported over a copy of the shipped configs
+      # (export merges, so the forward entries stay).
+      B="--backend triton --pass bwd --batch 4 --heads 12 --seqlens 4096,16384 --dtype bf16 --regime mixed \
+         --sampler grid --trial-timeout 60 --no-progress --storage $STORAGE --space bwd_BLOCK_M=64 \
+         --space bwd_num_warps=4 --space bwd_num_stages=3 --space bwd_dkdv_BLOCK_N=64 --space bwd_dkdv_num_stages=1"
+      timeout -s TERM 330 sbbench tune $B --head-dim 128 --space bwd_BLOCK_N=32 --space bwd_dkdv_BLOCK_M=32,64,128 \
+        --space bwd_dkdv_num_warps=4,8 --timeout 320 --json "$OUT/tune_bwd_d128.json" 2>&1 | tail -8
+      timeout -s TERM 230 sbbench tune $B --head-dim 64 --space bwd_BLOCK_N=32,64 --space bwd_dkdv_BLOCK_M=32,64 \
+        --space bwd_dkdv_num_warps=4 --timeout 220 --json "$OUT/tune_bwd_d64.json" 2>&1 | tail -8
+      mkdir -p "$OUT/configs" && cp -r sbbench/configs/. "$OUT/configs/"
+      sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -12
+      cp .device/tune.db "$OUT/tune_bwd.db"
       ;;
     grid)
       # Issue 5: the exhaustive grid beside TPE on one key (D=128, T=8192, fwd) over 36 cells,

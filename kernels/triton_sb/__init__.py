@@ -49,7 +49,11 @@ CONFIG_SPACE = (
 # needs ~200 registers per thread, two programs per SM, the 32-key one 127, four);
 # skip_log2 = -30 moves float32 outputs of O(1) by under a tenth of an ulp; one skip check costs
 # nothing measurable (219 vs 220 TFLOP/s with skipping off) while each further one costs ~10%;
-# a dK/dV key tile of 64 keeps the boundary sums at T^2/128 floats (peak memory ~FA2's).
+# a dK/dV key tile of 64 keeps the boundary sums at T^2/128 floats (peak memory ~FA2's);
+# the dQ kernel's 64x32 tile with 3 stages: 6.35 ms vs 7.2 with 2 at D=128, 10.7 vs 12.7 at D=64
+# (H=24), T=8192 (scripts/gpu_bwd_probe.py, reports/NVIDIA_H100_80GB_HBM3/bwd_probe_r1/r2.json).
+# The dK/dV tile stays 32x64 with 4 warps: the best ones on an H100 (128x64 8 warps at D=128,
+# 64x64 4 warps at D=64) differ by head dim and go in the tuned configs.
 # The dK/dV kernel runs 1 software-pipelining stage by default: on triton 3.6 / H100 its 2-stage
 # build returned wrong dK (dv right) at D=128 twice, with a 16-row tile and GQA, and on packed
 # varlen fp16 with a 32-row tile (scripts/gpu_dk_bisect.py); 1 stage was right in every case.
@@ -57,7 +61,7 @@ CONFIG_SPACE = (
 DEFAULT_CONFIG = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "skip_log2": -30, "skip_check_keys": 256, "skip_checks": 1, "scan": "dot",
-    "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 32, "bwd_num_warps": 4, "bwd_num_stages": 2,
+    "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 32, "bwd_num_warps": 4, "bwd_num_stages": 3,
     "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4, "bwd_dkdv_num_stages": 1,
 }
 
