@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of record, one stage per device call (each fits in a 10-minute call):
-#   bash scripts/gpu_session.sh check|bench|varlen|probe|memcheck|tune|tune_bwd|grid|final
+#   bash scripts/gpu_session.sh check|bench|sweep|varlen|probe|memcheck|tune|tune_bwd|grid|final
 # Results land in $OUT (copied by the lead into reports/<device>/). Needs the optuna wheels in
 # .whl/ (see ../shared/wheels) for the tune stages.
 set -uo pipefail
@@ -34,6 +34,10 @@ for stage in "$@"; do
         --seqlens 4096,8192,16384 --dtype bf16 --regime dense --json "$OUT/bench_d64.json" 2>&1 | tail -14
       sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
         --seqlens 4096,16384 --dtype bf16 --regime randn,mixed,peaked --json "$OUT/bench_regimes.json" 2>&1 | tail -20
+      ;;
+    sweep)
+      # The gate's baseline (README: "Regression gate"): the whole H100 sweep in one run.
+      timeout -s TERM 580 sbbench bench --sweep sbbench/sweeps/h100.json --json "$OUT/bench.json" 2>&1 | tail -40
       ;;
     varlen)
       # Packed varlen (ragged, one sequence of length 1) in bf16/fp16, and fp32 (IEEE dots,
