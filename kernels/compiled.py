@@ -2,9 +2,10 @@
 
 Inductor fuses the elementwise stick-breaking transform around the two matmuls, so this is the
 "what does the compiler buy you" baseline; it still materialises T x T scores (no O(T) memory).
-Runs wherever inductor does: CUDA, or the CPU with a C++ compiler. The formula is the reference's
-with one change of arrangement, not of math: the sum over the keys between j and i is an
-exclusive reverse cumsum (see ``stick_breaking_weights_exclusive`` for why).
+Runs wherever inductor does: CUDA, or the CPU with a C++ compiler. On the CPU the formula is the
+reference's with one change of arrangement, not of math: the sum over the keys between j and i is
+an exclusive reverse cumsum (see ``stick_breaking_weights_exclusive`` for why). On CUDA it is the
+reference's own arrangement, which is within budget there and faster (``formula_for``).
 
 Recompiles stay bounded: shapes are compiled dynamic (one graph serves every T, B, H, D, apart from
 the size-1 specialisations), and each combination of the things dynamo must guard on anyway
@@ -62,11 +63,26 @@ def stick_breaking_weights_exclusive(
     return weights, rem
 
 
-def dense_formula(
+def dense_formula_exclusive(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_temp: float, attend_current: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference.dense_naive`` with ``stick_breaking_weights_exclusive``: what gets compiled."""
+    """``reference.dense_naive`` with ``stick_breaking_weights_exclusive``."""
     return dense_naive(q, k, v, inv_temp, attend_current, stick_breaking_weights_exclusive)
+
+
+def formula_for(device_type: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The arrangement compiled for a device type.
+
+    The CPU needs the exclusive cumsum (its backward's cancellation is in inductor's C++ code).
+    On CUDA inductor scans in float32 in its own Triton kernel, and the reference's arrangement
+    is within budget (H100 `sbbench check` of compiled, 960 rows, the session before the
+    exclusive form; fp16 `mixed` max error 0.41-0.78x eager fp16's). There the exclusive form's
+    pad of the cumsum's output costs a materialised T x T pass: forward 14.8 vs 10.1 ms at
+    B=4 H=12 T=4096 D=128 bf16, forward+backward peak 9313 vs 6241 MiB, the same speed
+    (scripts/gpu_compiled_probe.py, reports/NVIDIA_H100_80GB_HBM3/compiled_probe.json). Shifting
+    the cumsum's input instead of its output was worse still: forward+backward 57 vs 25 ms.
+    """
+    return dense_formula_exclusive if device_type == "cpu" else dense_naive
 
 
 _CacheKey = tuple[bool, torch.dtype, str, bool]
@@ -81,14 +97,14 @@ def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
 
 
 def compiled_fn(attend_current: bool, dtype: torch.dtype, device_type: str, needs_grad: bool) -> Callable:
-    """The cached ``torch.compile``d ``dense_formula`` for one guard combination."""
+    """The cached ``torch.compile``d ``formula_for(device_type)`` for one guard combination."""
     key = (attend_current, dtype, device_type, needs_grad)
     fn = _COMPILED.get(key)
     if fn is None:
         with _LOCK:
             fn = _COMPILED.get(key)
             if fn is None:
-                fn = torch.compile(_fresh_function(dense_formula), dynamic=True)
+                fn = torch.compile(_fresh_function(formula_for(device_type)), dynamic=True)
                 _COMPILED[key] = fn
     return fn
 
@@ -136,7 +152,7 @@ def compiled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.compiler.is_compiling():
         # Already inside a caller's torch.compile: the formula joins the caller's graph.
-        fn = dense_formula
+        fn = formula_for(q.device.type)
     else:
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         fn = compiled_fn(bool(attend_current), q.dtype, q.device.type, needs_grad)
