@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from sbbench.core.problem import AttnProblem
 from sbbench.core.registry import register_backend
-from sbbench.kernels.reference import dense_naive
+from sbbench.kernels.reference import causal_keep, dense_naive
 from sbbench.kernels.varlen import run_per_sequence
 
 
@@ -49,9 +49,7 @@ def stick_breaking_weights_exclusive(
     key at a time in float32 (over budget at T = 700), while the CPU's cumsum accumulates float32
     in float64.
     """
-    t = z.shape[-1]
-    rows = torch.arange(t, device=z.device)
-    keep = rows[None, :] <= rows[:, None] if attend_current else rows[None, :] < rows[:, None]
+    keep = causal_keep(z.shape[-1], attend_current, z.device)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     log_beta = F.logsigmoid(z)
     log_one_minus_beta = torch.where(keep, F.logsigmoid(-z), zero)

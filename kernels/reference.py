@@ -16,6 +16,12 @@ from sbbench.core.registry import register_backend
 from sbbench.kernels.varlen import expand_kv_heads, run_per_sequence
 
 
+def causal_keep(t: int, attend_current: bool, device: torch.device) -> torch.Tensor:
+    """(T, T) bool: key j is visible to query i (j <= i with attend_current, else j < i)."""
+    rows = torch.arange(t, device=device)
+    return rows[None, :] <= rows[:, None] if attend_current else rows[None, :] < rows[:, None]
+
+
 def stick_breaking_weights(
     z: torch.Tensor, attend_current: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,9 +29,7 @@ def stick_breaking_weights(
 
     log A_ij = logsigmoid(z_ij) - sum_{j < l < i} softplus(z_il), over the causal keys of row i.
     """
-    t = z.shape[-1]
-    rows = torch.arange(t, device=z.device)
-    keep = rows[None, :] <= rows[:, None] if attend_current else rows[None, :] < rows[:, None]
+    keep = causal_keep(z.shape[-1], attend_current, z.device)
     log_beta = F.logsigmoid(z)
     log_one_minus_beta = torch.where(keep, F.logsigmoid(-z), torch.zeros((), dtype=z.dtype, device=z.device))
     # Sum over keys strictly right of j (nearer the query): reverse cumulative sum minus self.

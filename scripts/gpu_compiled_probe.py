@@ -20,34 +20,27 @@ import triton
 
 from sbbench.harness.cases import Case
 from sbbench.harness.inputs import make_inputs
-from sbbench.kernels.reference import dense_naive, stick_breaking_weights
+from sbbench.kernels.compiled import stick_breaking_weights_exclusive
+from sbbench.kernels.reference import causal_keep, dense_naive, stick_breaking_weights
 
 OUT = os.environ.get("OUT", "/tmp")
 
 
-def _keep(z: torch.Tensor, attend_current: bool) -> torch.Tensor:
-    rows = torch.arange(z.shape[-1], device=z.device)
-    return rows[None, :] <= rows[:, None] if attend_current else rows[None, :] < rows[:, None]
-
-
-def output_shifted(z: torch.Tensor, attend_current: bool):
-    keep = _keep(z, attend_current)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    lomb = torch.where(keep, F.logsigmoid(-z), zero)
-    inclusive = torch.flip(torch.cumsum(torch.flip(lomb, (-1,)), -1), (-1,))
-    suffix = F.pad(inclusive[..., 1:], (0, 1))
-    return torch.where(keep, torch.exp(F.logsigmoid(z) + suffix), zero), torch.exp(inclusive[..., 0])
-
-
 def input_shifted(z: torch.Tensor, attend_current: bool):
-    keep = _keep(z, attend_current)
+    """The exclusive suffix as the cumsum of the log-sticks shifted left by one key."""
+    keep = causal_keep(z.shape[-1], attend_current, z.device)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     lomb = torch.where(keep, F.logsigmoid(-z), zero)
     suffix = torch.flip(torch.cumsum(torch.flip(F.pad(lomb[..., 1:], (0, 1)), (-1,)), -1), (-1,))
     return torch.where(keep, torch.exp(F.logsigmoid(z) + suffix), zero), torch.exp(suffix[..., 0] + lomb[..., 0])
 
 
-VARIANTS = {"reference form": stick_breaking_weights, "output-shifted": output_shifted, "input-shifted": input_shifted}
+# "output-shifted" is what `compiled` runs on the CPU.
+VARIANTS = {
+    "reference form": stick_breaking_weights,
+    "output-shifted": stick_breaking_weights_exclusive,
+    "input-shifted": input_shifted,
+}
 
 
 def make_fn(transform):
