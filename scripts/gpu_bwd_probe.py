@@ -26,30 +26,37 @@ from sbbench.kernels.triton_sb import DEFAULT_CONFIG, triton_sb_attn  # noqa: E4
 OUT = os.environ.get("OUT", "/tmp")
 
 # Per head dim, (name, config over the default): dQ tile / dK/dV tile pairs, measured together
-# (the dK/dV key tile must be a multiple of the dQ key tile). Round 2, after round 1
-# (reports/NVIDIA_H100_80GB_HBM3/bwd_probe_r1.json) found dQ 64x32 3 stages and dK/dV 128x64
-# 8 warps best at D=128, dQ 128x64 8 warps and dK/dV 64x64 4 warps at D=64.
+# (the dK/dV key tile must be a multiple of the dQ key tile). Rounds 1 and 2 are in
+# reports/NVIDIA_H100_80GB_HBM3/bwd_probe_r1.json and bwd_probe_r2.json (their pair lists with
+# them): dQ 64x32 3 stages, dK/dV 128x64 8 warps at D=128 and 64x64 4 warps at D=64.
 def _pair(dq: str, dkdv: str) -> dict:
-    """'64x32w4s3' -> the dQ / dK/dV launch fields."""
+    """'64x32w4s3' (optionally 'r168': a register cap) -> the dQ / dK/dV launch fields."""
     out = {}
     for prefix, spec in (("bwd_", dq), ("bwd_dkdv_", dkdv)):
+        spec, _, cap = spec.partition("r")
         m, rest = spec.split("x")
         n, rest = rest.split("w")
         w, s = rest.split("s")
         out.update({f"{prefix}BLOCK_M": int(m), f"{prefix}BLOCK_N": int(n), f"{prefix}num_warps": int(w),
                     f"{prefix}num_stages": int(s)})
+        if cap:
+            out[f"{prefix}maxnreg"] = int(cap)
     return out
 
 
+# Round 3 (after the exp2 sigmoid, the compare-free dK/dV loop and the fence-free dQ kernel):
+# the tuned pairs, 2-stage dK/dV, and dQ register caps that fit a third (r168) or fourth (r128)
+# 4-warp program per SM (capping the dK/dV kernel spills 1-2 KB per thread: sass.py).
+# PROBE_PAIRS=N keeps the first N pairs per head dim (`gpu_session.sh ab`).
 PAIRS = {
-    128: [("64x32w4s3", "128x64w8s1"), ("64x32w4s4", "128x64w8s2"), ("128x32w8s3", "128x32w8s1"),
-          ("64x64w4s3", "128x64w4s1"), ("128x64w8s3", "256x64w8s1"), ("64x32w8s3", "128x128w8s1"),
-          ("32x32w4s3", "64x128w8s1"), ("64x16w4s3", "64x64w8s1")],
-    64: [("128x64w8s2", "64x64w4s1"), ("128x64w8s3", "64x64w4s2"), ("64x32w4s3", "64x64w8s1"),
-         ("64x64w4s3", "64x128w4s1"), ("128x32w8s3", "128x64w4s1"), ("128x64w4s2", "128x128w8s1"),
-         ("128x128w8s2", "128x128w4s1"), ("64x64w8s3", "32x128w4s1")],
+    128: [("64x32w4s3", "128x64w8s1"), ("64x32w4s3r168", "128x64w8s1"), ("64x32w4s3", "128x64w8s2")],
+    64: [("64x32w4s3", "64x64w4s1"), ("64x32w4s3r168", "64x64w4s1"), ("64x32w4s3r128", "64x64w4s1"),
+         ("64x64w4s3r168", "64x64w4s1"), ("64x32w4s3r168", "64x64w4s2")],
 }
+if os.environ.get("PROBE_PAIRS"):
+    PAIRS = {D: pairs[: int(os.environ["PROBE_PAIRS"])] for D, pairs in PAIRS.items()}
 VARIANTS = {D: [(f"dq{dq} | dkdv{dkdv}", _pair(dq, dkdv)) for dq, dkdv in pairs] for D, pairs in PAIRS.items()}
+OUT_NAME = os.environ.get("PROBE_NAME", "bwd_probe")
 
 
 def main() -> None:
@@ -63,7 +70,7 @@ def main() -> None:
         fa_fwd_ms = flops / fa["fwd"] / 1e9
         fa_fb_ms = 3.5 * flops / fa["fwdbwd"] / 1e9
         table.append((f"D{D} fa2", fa_fwd_ms, fa_fb_ms - fa_fwd_ms, 0.0, fa_fb_ms, 1.0, 1.0))
-        for name, cfg in [("default", {})] + VARIANTS[D]:
+        for name, cfg in VARIANTS[D]:
             try:
                 ms = kernel_split(B, H, T, D, cfg)
             except Exception as exc:  # a variant that fails is a row, not the end of the probe
@@ -97,7 +104,7 @@ def main() -> None:
         results.setdefault("errors", []).append(("mem", "default", repr(exc)[:300]))
     mem.append(("default", m, ms))
     results["mem16k_d64"] = mem
-    with open(os.path.join(OUT, "bwd_probe.json"), "w") as fh:
+    with open(os.path.join(OUT, OUT_NAME + ".json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
     print("total %.0fs" % (time.time() - t0))
     print(f"{'variant':34} {'fwd ms':>7} {'dQ ms':>7} {'dKdV ms':>8} {'f+b ms':>8} {'fwd/fa2':>8} {'f+b/fa2':>8}")

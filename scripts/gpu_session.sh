@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of record, one stage per device call (each fits in a 10-minute call):
-#   bash scripts/gpu_session.sh check|bench|sweep|varlen|probe|memcheck|tune|tune_bwd|grid|final
+#   bash scripts/gpu_session.sh check|bench|sweep|varlen|probe|ab|memcheck|tune|tune_bwd|tune_bwd_regs|grid|final
 # Results land in $OUT (copied by the lead into reports/<device>/). Needs the optuna wheels in
 # .whl/ (see ../shared/wheels) for the tune stages.
 set -uo pipefail
@@ -52,6 +52,34 @@ for stage in "$@"; do
       # Per-kernel times of backward tile variants beside FA2, and D=64 T=16k memory: for
       # choosing defaults after a kernel change (not figures of record).
       python3 scripts/gpu_bwd_probe.py 2>&1 | tail -30
+      ;;
+    ab)
+      # Kernel variants side by side in one call: GPU tests on the working tree, then the probe's
+      # first AB_PAIRS (default 2) pairs per head dim on each .device/ab/<name>/{kernels,op}.py swapped in
+      # (e.g. the previous revision's, from git show REV:kernels/triton_sb/kernels.py), then the
+      # working tree's files restored.
+      python3 -m pytest -q -m gpu tests/test_triton.py 2>&1 | tail -4 | tee "$OUT/pytest_gpu_triton.log"
+      mkdir -p .device/ab_keep && cp kernels/triton_sb/kernels.py kernels/triton_sb/op.py .device/ab_keep/
+      for variant in .device/ab/*/; do
+        name=$(basename "$variant")
+        cp "$variant/kernels.py" "$variant/op.py" kernels/triton_sb/
+        echo "== $name"
+        PROBE_PAIRS=${AB_PAIRS:-2} PROBE_NAME="bwd_ab_$name" timeout 200 python3 scripts/gpu_bwd_probe.py 2>&1 | tail -8
+      done
+      cp .device/ab_keep/kernels.py .device/ab_keep/op.py kernels/triton_sb/
+      ;;
+    tune_bwd_regs)
+      # After the fence-free dQ kernel: at D=64, the dQ register cap (168 fits a third program per
+      # SM) and 2-stage dK/dV, which gpu_bwd_probe.py round 3 found 6% and 5% faster there (both
+      # slower at D=128), over the tuned tiles. Each trial passes the numerics constraint first.
+      timeout -s TERM 280 sbbench tune --backend triton --pass bwd --batch 4 --heads 12 --head-dim 64 \
+        --seqlens 4096,16384 --dtype bf16 --regime mixed --sampler grid --trial-timeout 60 --no-progress \
+        --storage "$STORAGE" --space bwd_BLOCK_M=64 --space bwd_BLOCK_N=32 --space bwd_num_warps=4 \
+        --space bwd_num_stages=3 --space bwd_dkdv_BLOCK_M=64 --space bwd_dkdv_BLOCK_N=64 \
+        --space bwd_dkdv_num_warps=4 --space bwd_maxnreg=0,168 --space bwd_dkdv_num_stages=1,2 \
+        --timeout 270 --json "$OUT/tune_bwd_regs_d64.json" 2>&1 | tail -8
+      mkdir -p "$OUT/configs" && cp -r sbbench/configs/. "$OUT/configs/"
+      sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -12
       ;;
     memcheck)
       python3 scripts/memory_by_hand.py 2>&1 | tee "$OUT/memory_by_hand.log"

@@ -42,6 +42,9 @@ CONFIG_SPACE = (
     Param("bwd_dkdv_BLOCK_N", (32, 64, 128), "bwd"),
     Param("bwd_dkdv_num_warps", (2, 4, 8), "bwd"),
     Param("bwd_dkdv_num_stages", (1, 2, 3), "bwd"),
+    # Register caps (0: none): the values where one more 4-warp program fits on an SM.
+    Param("bwd_maxnreg", (0, 168, 128), "bwd"),
+    Param("bwd_dkdv_maxnreg", (0, 168, 128), "bwd"),
 )
 # Defaults from H100 probes (scripts/gpu_probe.py, bf16, B=4 H=12 T=8192 D=128, dense):
 # a 32-key forward tile with 3 stages (scripts/gpu_fwd_ablation.py: 0.97x FlashAttention-2 at
@@ -50,8 +53,11 @@ CONFIG_SPACE = (
 # skip_log2 = -30 moves float32 outputs of O(1) by under a tenth of an ulp; one skip check costs
 # nothing measurable (219 vs 220 TFLOP/s with skipping off) while each further one costs ~10%;
 # a dK/dV key tile of 64 keeps the boundary sums at T^2/128 floats (peak memory ~FA2's);
-# the dQ kernel's 64x32 tile with 3 stages: 6.35 ms vs 7.2 with 2 at D=128, 10.7 vs 12.7 at D=64
-# (H=24), T=8192 (scripts/gpu_bwd_probe.py, reports/NVIDIA_H100_80GB_HBM3/bwd_probe_r1/r2.json).
+# the dQ kernel's 64x32 tile with 3 stages: 4.68 ms vs 5.40 with 2 at D=128, 7.16 vs 8.53 at
+# D=64 (H=24), T=8192 (scripts/gpu_bwd_probe.py, reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r3b_1_new.json;
+# rounds 1-2 before the fence-free dQ kernel: bwd_probe_r1/r2.json). No register caps by default:
+# at D=64 a cap of 168 takes the dQ kernel from 7.12 to 6.72 ms, at D=128 from 4.61 to 8.60
+# (bwd_probe_r3.json), so the cap goes in the tuned configs.
 # The dK/dV tile stays 32x64 with 4 warps: the best ones on an H100 (128x64 8 warps at D=128,
 # 64x64 4 warps at D=64) differ by head dim and go in the tuned configs.
 # The dK/dV kernel runs 1 software-pipelining stage by default: on triton 3.6 / H100 its 2-stage
@@ -63,6 +69,7 @@ DEFAULT_CONFIG = {
     "skip_log2": -30, "skip_check_keys": 256, "skip_checks": 1, "scan": "dot",
     "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 32, "bwd_num_warps": 4, "bwd_num_stages": 3,
     "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4, "bwd_dkdv_num_stages": 1,
+    "bwd_maxnreg": 0, "bwd_dkdv_maxnreg": 0,
 }
 
 

@@ -402,23 +402,34 @@ def _bwd_block_logits(
 @triton.jit
 def _bwd_block_grads(
     z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix,
-    SCAN: tl.constexpr, PRECISION: tl.constexpr, SATFINITE: tl.constexpr,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr, SATFINITE: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     """Weights and logit gradients of one block, given per row the sum of sp2 right of it
     (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g). Masked entries
     (z2 = MASKED_LOGIT2) come out as A = g = dz = 0 from the arithmetic itself."""
     suffix = _scan_excl(sp2, tri_suffix, SCAN, True, SATFINITE, True)
-    weights = tl.exp2(z2 - sp2 - suffix - r_right[:, None])
+    log2_beta = z2 - sp2
+    weights = tl.exp2(log2_beta - suffix - r_right[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     g = weights * dp
     p_excl = _scan_excl(g, tri_prefix, SCAN, False, SATFINITE, False) + carry_p[:, None]
-    # sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal (instead of two more
-    # exponentials): 1/(1+e) is the larger of the two, e/(1+e) the smaller, each to a few ulps
-    # even where the other rounds to 1.
-    big = _rcp_1_to_2(1.0 + e)
-    small = e * big
-    beta = tl.where(z2 >= 0, big, small)
-    one_minus_beta = tl.where(z2 >= 0, small, big)
+    if ACCURATE:
+        # sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal: 1/(1+e) is the
+        # larger of the two, e/(1+e) the smaller, each to a few ulps even where the other rounds
+        # to 1, as float32's budget needs.
+        big = _rcp_1_to_2(1.0 + e)
+        small = e * big
+        beta = tl.where(z2 >= 0, big, small)
+        one_minus_beta = tl.where(z2 >= 0, small, big)
+    else:
+        # beta = 2^(z2 - sp2) and 1 - beta = 2^-sp2: two special-function ops on values already
+        # at hand, where the reciprocal form costs the ALU an add, a multiply, a compare and two
+        # selects per score (the backward is ALU-bound: ~40 ALU ops per score against 3-4 on the
+        # special-function unit, which issues an eighth as fast). z2 - sp2 rounds away the bits
+        # of softplus below z2's ulp, so beta ~ 1 is off by up to ~1e-6 relative: far below
+        # fp16's and bf16's rounding, not below float32's.
+        beta = tl.exp2(log2_beta)
+        one_minus_beta = tl.exp2(-sp2)
     # g - beta (P_incl + drem rem) with P_incl = P_excl + g, regrouped so that no term cancels
     dz = g * one_minus_beta - beta * (p_excl + drem_rem[:, None])
     return weights, dz, tl.sum(g, 1)
@@ -451,22 +462,24 @@ def _dq_block(
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
     weights, dz, g_sum = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, True,
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, True, ACCURATE,
     )
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += g_sum
     # ... and the stick right of it at its right edge (or where the walk ends).
     at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
     tl.store(STATE_R + row_slot + ns, r_right, mask=has_slot & at_right_edge)
-    # max is order-independent: the result is deterministic whatever the arrival order.
-    tl.atomic_max(row_hi + ns, last_row)
+    # max is order-independent: the result is deterministic whatever the arrival order. Relaxed:
+    # only the dK/dV kernel, a launch later, reads it; the default (acq_rel) puts a GPU-wide
+    # memory fence before the atomic, in every iteration.
+    tl.atomic_max(row_hi + ns, last_row, sem="relaxed")
     return dq, carry_f, carry_p
 
 
 @triton.jit
 def sb_bwd_dq_kernel(
     Q, K, V, DO, DREM, LOGREM, STOP, CU_SEQLENS, CU_STATES,
-    DQ, DREM_REM, STATE_R, STATE_P, ROW_HI,
+    DQ, DREM_REM, STATE_R, STATE_P, ROW_HI, MAX_STOP,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -524,7 +537,10 @@ def sb_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry_f = _zero_stick(BLOCK_M, ACCURATE)  # sp2 summed over blocks left of n
     carry_p = tl.zeros([BLOCK_M], dtype=tl.float32)  # g summed over blocks left of n
-    row_hi = ROW_HI + (pid_b * (num_heads // group) + pid_hk).to(tl.int64) * num_key_blocks
+    pid_bhk = pid_b * (num_heads // group) + pid_hk
+    row_hi = ROW_HI + pid_bhk.to(tl.int64) * num_key_blocks
+    # The dK/dV kernel drops the first-key compare on key blocks right of every row's first key.
+    tl.atomic_max(MAX_STOP + pid_bhk, tl.max(tl.where(row_ok, stop, 0), 0), sem="relaxed")
     last_row = tl.minimum(start_m + BLOCK_M, seqlen) - 1
     # Left of the diagonal, blocks that start left of some row's first key mask those keys;
     # from the first block right of every row's first key on (all of them, unless the forward
@@ -564,30 +580,39 @@ def sb_bwd_dq_kernel(
 def _dkdv_tile(
     dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n, offs_d,
     stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
-    """dK and dV of the key block from query tile m of one head."""
+    """dK and dV of the key block from query tile m of one head. MASKED: some row may start
+    right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal."""
     offs_m = m * BLOCK_M + offs_mm
     row_ok = offs_m < seqlen
     md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
     do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
     drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
-    stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
-    # Rows before this key block, or whose walk stopped right of it, read nothing: the dQ
-    # kernel wrote no boundary sums for them, and uninitialised sums would reach the
-    # arithmetic (masked entries are zeroed by it, not selected away).
-    seen = row_ok & (offs_m // BLOCK_N >= pid_n) & (stop < start_n + BLOCK_N)
+    if MASKED:
+        stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
+        # Rows before this key block, or whose walk stopped right of it, read nothing: the dQ
+        # kernel wrote no boundary sums for them, and uninitialised sums would reach the
+        # arithmetic (masked entries are zeroed by it, not selected away).
+        seen = row_ok & (offs_m // BLOCK_N >= pid_n) & (stop < start_n + BLOCK_N)
+        stop = tl.where(seen, stop, 2147483647)
+    else:
+        # Every row of the tile walked the whole block: the boundary sums load with the tiles,
+        # not one load latency after ``stop``. (Rows past the sequence end load zeros and
+        # contribute nothing: their do and drem are zero.)
+        seen = row_ok
+        stop = offs_m  # unread: no first-key compare without MASKED
     slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
     r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
     carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
-    stop = tl.where(seen, stop, 2147483647)
     z2, sp2, e, _ = _bwd_block_logits(
-        q, k, offs_n, offs_m, stop, scale2, True, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
+        q, k, offs_n, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
     weights, dz, _ = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, False,
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, True, ACCURATE,
     )
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
@@ -596,7 +621,7 @@ def _dkdv_tile(
 
 @triton.jit
 def sb_bwd_dkdv_kernel(
-    Q, K, V, DO, STOP, CU_SEQLENS, CU_STATES, DREM_REM, STATE_R, STATE_P, ROW_HI,
+    Q, K, V, DO, STOP, CU_SEQLENS, CU_STATES, DREM_REM, STATE_R, STATE_P, ROW_HI, MAX_STOP,
     DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -643,26 +668,37 @@ def sb_bwd_dkdv_kernel(
     m_first = (start_n + 1 - ATTEND_CURRENT) // BLOCK_M
     last_row = tl.load(ROW_HI + pid_bhk.to(tl.int64) * num_key_blocks + pid_n)
     m_last = tl.where(last_row < 0, -1, last_row // BLOCK_M)
+    skipped_here = start_n < tl.load(MAX_STOP + pid_bhk)
     for hg in range(0, group):
         pid_h = pid_hk * group + hg
         q_head = q_base + pid_h * stride_qh
         do_head = do_base + pid_h * stride_doh
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
-        # Tiles on the diagonal need the causal mask; below it only rows whose walk started
-        # inside the block (skipping) mask keys, which a compare on ``stop`` covers.
+        # Tiles on the diagonal need the causal mask. Below it only rows whose walk started
+        # inside or right of the block's first key (skipping) mask keys, which a compare on
+        # ``stop`` covers; the dQ kernel recorded the largest such start, and a block right of
+        # it (every block, when nothing was skipped) goes without the compare and select.
         m_below = tl.cdiv(start_n + BLOCK_N - ATTEND_CURRENT, BLOCK_M)
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
+                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
-        for m in range(tl.maximum(m_first, m_below), m_last + 1):
+        m_from = tl.maximum(m_first, m_below)
+        m_masked_end = tl.where(skipped_here, m_last + 1, m_from)
+        for m in range(m_from, m_masked_end):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
+                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
+            )
+        for m in range(m_masked_end, m_last + 1):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
     dk = dk * inv_temp
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)

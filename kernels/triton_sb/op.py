@@ -22,6 +22,7 @@ CONFIG_FIELDS = (
     "fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_warps", "fwd_num_stages", "skip_log2", "skip_check_keys",
     "scan", "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_num_warps", "bwd_num_stages",
     "bwd_dkdv_BLOCK_M", "bwd_dkdv_BLOCK_N", "bwd_dkdv_num_warps", "bwd_dkdv_num_stages", "skip_checks",
+    "bwd_maxnreg", "bwd_dkdv_maxnreg",
 )
 SCAN_CODES = {"dot": 1, "cumsum": 0}
 
@@ -52,6 +53,9 @@ def _check_launch(cfg: list[int]) -> None:
     for name in ("fwd_num_stages", "bwd_num_stages", "bwd_dkdv_num_stages"):
         if fields[name] < 1:
             raise ValueError(f"config: {name} must be at least 1, got {fields[name]}")
+    for name in ("bwd_maxnreg", "bwd_dkdv_maxnreg"):
+        if fields[name] and not 24 <= fields[name] <= 255:
+            raise ValueError(f"config: {name} must be 0 (no cap) or 24..255 registers, got {fields[name]}")
     if fields["bwd_dkdv_BLOCK_N"] % fields["bwd_BLOCK_N"]:
         raise ValueError(
             f"config: bwd_dkdv_BLOCK_N ({fields['bwd_dkdv_BLOCK_N']}) must be a multiple of "
@@ -115,13 +119,21 @@ def launch_options(
         ),
         "bwd_dq": dict(
             common, BLOCK_M=f["bwd_BLOCK_M"], BLOCK_N=f["bwd_BLOCK_N"], STATE_N=f["bwd_dkdv_BLOCK_N"],
-            num_warps=f["bwd_num_warps"], num_stages=f["bwd_num_stages"],
+            num_warps=f["bwd_num_warps"], num_stages=f["bwd_num_stages"], **_register_cap(f["bwd_maxnreg"]),
         ),
         "bwd_dkdv": dict(
             common, BLOCK_M=f["bwd_dkdv_BLOCK_M"], BLOCK_N=f["bwd_dkdv_BLOCK_N"],
             num_warps=f["bwd_dkdv_num_warps"], num_stages=f["bwd_dkdv_num_stages"],
+            **_register_cap(f["bwd_dkdv_maxnreg"]),
         ),
     }
+
+
+def _register_cap(maxnreg: int) -> dict[str, int]:
+    """ptxas's per-thread register cap (0: its own choice). The backward kernels are latency-bound
+    at two 4-warp programs per SM, which their ~210-255 registers allow; a cap of 168 fits three
+    (128: four) at the price of some spills, which ``sass.py`` counts."""
+    return {"maxnreg": maxnreg} if maxnreg else {}
 
 
 def _block_d(head_dim: int) -> int:
@@ -268,16 +280,18 @@ def triton_sb_bwd(
         kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
         # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
         row_hi = torch.full((n_seq * n_kv, num_key_blocks), -1, dtype=torch.int32, device=q.device)
+        # Per (sequence, kv head): the largest first key of any row (0: nothing skipped).
+        max_stop = torch.zeros(n_seq * n_kv, dtype=torch.int32, device=q.device)
         kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * (h1 - h0))](
             qc, kc, vc, doc, dremc, logrem[h0:h1], stop[h0:h1], cu, cu_states, dqc, drem_rem, state_r, state_p,
-            row_hi,
+            row_hi, max_stop,
             *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen),
             *_strides3(doc, varlen), *_rem_strides(dremc, varlen), *_strides3(dqc, varlen),
             t_dense, rows, state_total, h1 - h0, group, head_dim, scale2, inv_temp,
             num_key_blocks, **options["bwd_dq"],
         )
         kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * n_kv)](
-            qc, kc, vc, doc, stop[h0:h1], cu, cu_states, drem_rem, state_r, state_p, row_hi, dkc, dvc,
+            qc, kc, vc, doc, stop[h0:h1], cu, cu_states, drem_rem, state_r, state_p, row_hi, max_stop, dkc, dvc,
             *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen), *_strides3(doc, varlen),
             *_strides3(dkc, varlen), *_strides3(dvc, varlen),
             t_dense, rows, state_total, n_kv, group, head_dim, scale2, inv_temp,

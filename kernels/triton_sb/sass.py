@@ -36,7 +36,7 @@ from sbbench.kernels.triton_sb.op import config_to_list, CONFIG_FIELDS, launch_o
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
 # Element types of the pointer arguments that are not the inputs' dtype.
 _POINTER_TYPES = {
-    "STOP": "*i32", "CU_SEQLENS": "*i32", "ROW_HI": "*i32", "CU_STATES": "*i64", "LOGREM": "*fp64",
+    "STOP": "*i32", "CU_SEQLENS": "*i32", "ROW_HI": "*i32", "MAX_STOP": "*i32", "CU_STATES": "*i64", "LOGREM": "*fp64",
     "DREM_REM": "*fp32", "STATE_R": "*fp32", "STATE_P": "*fp32",
 }
 _FLOAT_SCALARS = {"scale2", "inv_temp", "skip_threshold"}
@@ -149,13 +149,16 @@ def build(
     fields = dict(zip(CONFIG_FIELDS, config_to_list({**DEFAULT_CONFIG, **(config or {})})))
     options = dict(launch_options(fields, dtype, head_dim, attend_current, varlen)[kernel])
     num_warps, num_stages = options.pop("num_warps"), options.pop("num_stages")
+    compile_options = {"num_warps": num_warps, "num_stages": num_stages}
+    if "maxnreg" in options:
+        compile_options["maxnreg"] = options.pop("maxnreg")
     constexprs = {**options, "HEAD_DIM": head_dim}
     fn = KERNELS[kernel]
     signature, attrs = _signature(fn, constexprs, _TRITON_DTYPES[dtype])
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options=compile_options,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
