@@ -63,11 +63,16 @@ def test_stick_sums_to_one(backend, t, h, d, seed, scale, attend_current):
 @given(t=st.integers(1, 40), seed=seeds, scale=scales, dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_first_position_attends_nothing(backend, t, seed, scale, dtype):
     q, k, v = (scale * randn((2, 2, t, 5), seed + i, dtype) for i in range(3))
+    if t > 1:
+        # Query 1 equal to key 0: a logit >= 0, so a weight >= 1/2 that the check below can see
+        # (random logits can all be so negative that every rem rounds to 1, as hypothesis found
+        # at T=2, scale 10, float32).
+        q[:, :, 1] = k[:, :, 0]
     o, rem = attn(backend, q, k, v, False)
     assert torch.equal(o[:, :, 0], torch.zeros_like(o[:, :, 0]))
     assert torch.equal(rem[:, :, 0], torch.ones_like(rem[:, :, 0]))
     if t > 1:  # and the rest does attend: the property is not vacuous
-        assert (rem[:, :, 1:] < 1).any()
+        assert (rem[:, :, 1] <= 0.5).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
