@@ -70,14 +70,13 @@ def _rcp_1_to_2(x):
 
 
 @triton.jit
-def _to_fp16_saturated(x, SATFINITE: tl.constexpr, NONNEG: tl.constexpr):
+def _to_fp16_saturated(x, NONNEG: tl.constexpr):
     """x (float32) in fp16, values beyond fp16's range saturated instead of inf: an inf would
-    turn the scan's product with the 0/1 matrix into NaN (inf * 0). SATFINITE: one
-    cvt.satfinite for two values, instead of one clamp per value (two unless NONNEG) before the
-    conversion. The forward and the dQ kernel save those instructions; in the dK/dV kernel the
-    assembly raised register use past the limit (spills at D=64 and three times as many at
-    D=128: sass tool), so it clamps."""
-    if SATFINITE and NATIVE_ASM:
+    turn the scan's product with the 0/1 matrix into NaN (inf * 0). Natively one
+    cvt.satfinite for two values, instead of one clamp per value (two unless NONNEG, x >= 0)
+    before the conversion; in the dK/dV kernel clamps and cvt.satfinite ran equally fast on the
+    H100 (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r3b_*.json)."""
+    if NATIVE_ASM:
         return tl.inline_asm_elementwise(
             "cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2
         )
@@ -153,22 +152,21 @@ def _scan_matrix(BLOCK_N: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, SATFINITE: tl.constexpr, NONNEG: tl.constexpr):
+def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.constexpr):
     """Exclusive running sum of x (fp32, [BLOCK_M, BLOCK_N]) along its key axis: of the entries
     right of each one when REVERSE (suffix), else of those left of it (prefix); ``tri`` is
     ``_scan_matrix(BLOCK_N, REVERSE)``. Exclusive, so an entry's own value never passes through
     the fp16 rounding of the matrix-product scan: a key with a saturated sigmoid (beta ~ 1) would
-    otherwise lose its gradient to that rounding. NONNEG: x >= 0. SATFINITE: see
-    ``_to_fp16_saturated``."""
+    otherwise lose its gradient to that rounding. NONNEG: x >= 0."""
     if SCAN == 0:
         return tl.cumsum(x, axis=1, reverse=REVERSE) - x
     else:
         # Values beyond fp16's range arise only where the weights are 0 anyway; they are
         # saturated so that none becomes inf (inf * 0 = NaN in the product).
-        hi = _to_fp16_saturated(x, SATFINITE, NONNEG)
+        hi = _to_fp16_saturated(x, NONNEG)
         s = tl.dot(hi, tri)
         if SCAN == 2:
-            lo = _to_fp16_saturated(x - hi.to(tl.float32), SATFINITE, False)
+            lo = _to_fp16_saturated(x - hi.to(tl.float32), False)
             s = tl.dot(lo, tri, s)
         return s
 
@@ -263,7 +261,7 @@ def _fwd_block(
         z2 = tl.where(valid, z2, MASKED_LOGIT2)
     sp2, _ = _softplus2(z2, ACCURATE, SCAN)
     # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry
-    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True, True)
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
     weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
     # Running log-stick (float64 for float32 inputs): the backward rebuilds it from the left as
@@ -402,17 +400,17 @@ def _bwd_block_logits(
 @triton.jit
 def _bwd_block_grads(
     z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix,
-    SCAN: tl.constexpr, PRECISION: tl.constexpr, SATFINITE: tl.constexpr, ACCURATE: tl.constexpr,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     """Weights and logit gradients of one block, given per row the sum of sp2 right of it
     (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g). Masked entries
     (z2 = MASKED_LOGIT2) come out as A = g = dz = 0 from the arithmetic itself."""
-    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, SATFINITE, True)
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
     log2_beta = z2 - sp2
     weights = tl.exp2(log2_beta - suffix - r_right[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     g = weights * dp
-    p_excl = _scan_excl(g, tri_prefix, SCAN, False, SATFINITE, False) + carry_p[:, None]
+    p_excl = _scan_excl(g, tri_prefix, SCAN, False, False) + carry_p[:, None]
     if ACCURATE:
         # sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal: 1/(1+e) is the
         # larger of the two, e/(1+e) the smaller, each to a few ulps even where the other rounds
@@ -462,7 +460,7 @@ def _dq_block(
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
     weights, dz, g_sum = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, True, ACCURATE,
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, ACCURATE,
     )
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += g_sum
@@ -612,7 +610,7 @@ def _dkdv_tile(
         q, k, offs_n, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
     weights, dz, _ = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, True, ACCURATE,
+        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, ACCURATE,
     )
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
@@ -668,26 +666,25 @@ def sb_bwd_dkdv_kernel(
     m_first = (start_n + 1 - ATTEND_CURRENT) // BLOCK_M
     last_row = tl.load(ROW_HI + pid_bhk.to(tl.int64) * num_key_blocks + pid_n)
     m_last = tl.where(last_row < 0, -1, last_row // BLOCK_M)
-    skipped_here = start_n < tl.load(MAX_STOP + pid_bhk)
+    # Tiles on the diagonal need the causal mask. Below it only rows whose walk started inside
+    # or right of the block's first key (skipping) mask keys, which a compare on ``stop``
+    # covers; the dQ kernel recorded the largest such start, and a block right of it (every
+    # block, when nothing was skipped) goes without the compare and select.
+    m_below = tl.cdiv(start_n + BLOCK_N - ATTEND_CURRENT, BLOCK_M)
+    m_from = tl.maximum(m_first, m_below)
+    m_masked_end = tl.where(start_n < tl.load(MAX_STOP + pid_bhk), m_last + 1, m_from)
     for hg in range(0, group):
         pid_h = pid_hk * group + hg
         q_head = q_base + pid_h * stride_qh
         do_head = do_base + pid_h * stride_doh
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
-        # Tiles on the diagonal need the causal mask. Below it only rows whose walk started
-        # inside or right of the block's first key (skipping) mask keys, which a compare on
-        # ``stop`` covers; the dQ kernel recorded the largest such start, and a block right of
-        # it (every block, when nothing was skipped) goes without the compare and select.
-        m_below = tl.cdiv(start_n + BLOCK_N - ATTEND_CURRENT, BLOCK_M)
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
                 True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
-        m_from = tl.maximum(m_first, m_below)
-        m_masked_end = tl.where(skipped_here, m_last + 1, m_from)
         for m in range(m_from, m_masked_end):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,

@@ -148,10 +148,8 @@ def build(
         raise ValueError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
     fields = dict(zip(CONFIG_FIELDS, config_to_list({**DEFAULT_CONFIG, **(config or {})})))
     options = dict(launch_options(fields, dtype, head_dim, attend_current, varlen)[kernel])
-    num_warps, num_stages = options.pop("num_warps"), options.pop("num_stages")
-    compile_options = {"num_warps": num_warps, "num_stages": num_stages}
-    if "maxnreg" in options:
-        compile_options["maxnreg"] = options.pop("maxnreg")
+    # Compiler options (warps, stages, a register cap) go to triton.compile, the rest are constexprs.
+    compile_options = {name: options.pop(name) for name in ("num_warps", "num_stages", "maxnreg") if name in options}
     constexprs = {**options, "HEAD_DIM": head_dim}
     fn = KERNELS[kernel]
     signature, attrs = _signature(fn, constexprs, _TRITON_DTYPES[dtype])
@@ -166,7 +164,7 @@ def build(
             f.write(compiled.asm["cubin"])
         registers, spill = _resources(path)
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-    scores_per_thread = options["BLOCK_M"] * options["BLOCK_N"] / (32 * num_warps)
+    scores_per_thread = options["BLOCK_M"] * options["BLOCK_N"] / (32 * compile_options["num_warps"])
     return Build(kernel, registers, spill, compiled.metadata.shared, _loops(sass, scores_per_thread), sass)
 
 
