@@ -538,12 +538,13 @@ def sb_bwd_dq_kernel(
     pid_bhk = pid_b * (num_heads // group) + pid_hk
     row_hi = ROW_HI + pid_bhk.to(tl.int64) * num_key_blocks
     # The dK/dV kernel drops the first-key compare on key blocks right of every row's first key.
-    tl.atomic_max(MAX_STOP + pid_bhk, tl.max(tl.where(row_ok, stop, 0), 0), sem="relaxed")
+    tile_max_stop = tl.max(tl.where(row_ok, stop, 0), 0)
+    tl.atomic_max(MAX_STOP + pid_bhk, tile_max_stop, sem="relaxed")
     last_row = tl.minimum(start_m + BLOCK_M, seqlen) - 1
     # Left of the diagonal, blocks that start left of some row's first key mask those keys;
     # from the first block right of every row's first key on (all of them, unless the forward
     # skipped), nothing is masked.
-    n_whole = tl.minimum(tl.cdiv(tl.max(tl.where(row_ok, stop, 0), 0), BLOCK_N), n_unmasked_top + 1)
+    n_whole = tl.minimum(tl.cdiv(tile_max_stop, BLOCK_N), n_unmasked_top + 1)
     for n in range(n_bottom, n_whole):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
