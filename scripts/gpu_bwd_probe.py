@@ -55,6 +55,14 @@ PAIRS = {
 }
 if os.environ.get("PROBE_PAIRS"):
     PAIRS = {D: pairs[: int(os.environ["PROBE_PAIRS"])] for D, pairs in PAIRS.items()}
+# PROBE_PAIR_SPECS="64:64x32w4s3r168/64x64w4s2,128:64x32w4s3/128x64w8s1" replaces the lists (a
+# head dim it leaves out is not timed).
+if os.environ.get("PROBE_PAIR_SPECS"):
+    PAIRS = {}
+    for item in os.environ["PROBE_PAIR_SPECS"].split(","):
+        head_dim, _, pair = item.partition(":")
+        dq, _, dkdv = pair.partition("/")
+        PAIRS.setdefault(int(head_dim), []).append((dq, dkdv))
 VARIANTS = {D: [(f"dq{dq} | dkdv{dkdv}", _pair(dq, dkdv)) for dq, dkdv in pairs] for D, pairs in PAIRS.items()}
 OUT_NAME = os.environ.get("PROBE_NAME", "bwd_probe")
 
@@ -63,6 +71,8 @@ def main() -> None:
     t0 = time.time()
     table = []
     for B, H, D in ((4, 12, 128), (4, 24, 64)):
+        if D not in VARIANTS:
+            continue
         T = 8192
         flops = 4 * B * H * T * T * D / 2
         fa = time_fa2(B, H, T, D)

@@ -153,7 +153,9 @@ def _grads(q, k, v, config, cu_seqlens=None, max_seqlen=None):
 def test_backward_by_head_groups_is_bit_identical(varlen, device, monkeypatch):
     """Under a boundary-state budget the backward runs one launch pair per group of kv heads; with
     the budget at zero every kv head is its own group, and the gradients must not change by a bit
-    (a wrong head offset in any launch would move them)."""
+    (a wrong head offset in any launch would move them). The grouped run also orders its
+    programs in chunks of 3 (sequence, head) pairs, the last one partial, where the whole run
+    has one chunk: the launch order must not move them either."""
     if varlen:
         lengths = [40, 1, 23]
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -164,6 +166,8 @@ def test_backward_by_head_groups_is_bit_identical(varlen, device, monkeypatch):
         extra = {}
     whole = _grads(q, k, v, SMALL, **extra)
     monkeypatch.setattr(triton_op, "STATE_BUDGET_Q_MULTIPLE", 0)
+    monkeypatch.setattr(triton_op, "SCHED_PAIRS_QUERY_MAJOR", 3)
+    monkeypatch.setattr(triton_op, "SCHED_PAIRS_KEY_MAJOR", 3)
     assert triton_op.kv_heads_per_launch(q, 3, 10**6) == 1
     grouped = _grads(q, k, v, SMALL, **extra)
     for name, a, b in zip(("dq", "dk", "dv"), whole, grouped):
@@ -172,8 +176,8 @@ def test_backward_by_head_groups_is_bit_identical(varlen, device, monkeypatch):
 
 def test_boundary_state_budget_at_long_sequences():
     """At B=4, H=24, D=64, T=16k (bf16) the boundary sums of all heads would take 1.5 GiB, 8x
-    q's bytes; under the default budget (2x q's bytes) one launch takes 5 kv heads, the most
-    that fit."""
+    q's bytes; under the default budget (3x q's bytes) one launch takes 8 kv heads, the most
+    that fit. At T=8k 17 fit, and the 24 heads go in two even launches of 12."""
     q = torch.empty((4, 24, 16384, 64), dtype=torch.bfloat16, device="meta")
     state_n = DEFAULT_CONFIG["bwd_dkdv_BLOCK_N"]
     state_total = 4 * int(triton_op._state_slots(torch.tensor(16384), state_n))
@@ -182,7 +186,10 @@ def test_boundary_state_budget_at_long_sequences():
     assert 8 < per_head * 24 / q_bytes < 8.1
     step = triton_op.kv_heads_per_launch(q, 24, state_total)
     budget = triton_op.STATE_BUDGET_Q_MULTIPLE * q_bytes
-    assert step == 5 and per_head * step <= budget < per_head * (step + 1)
+    assert step == 8 and per_head * step <= budget < per_head * (step + 1)
+    state_8k = 4 * int(triton_op._state_slots(torch.tensor(8192), state_n))
+    assert 2 * 4 * state_8k * 17 <= budget / 2 < 2 * 4 * state_8k * 18
+    assert triton_op.kv_heads_per_launch(q[:, :, :8192], 24, state_8k) == 12
     # Short sequences keep one launch; GQA groups never split.
     assert triton_op.kv_heads_per_launch(q[:, :, :2048], 24, 4 * int(triton_op._state_slots(torch.tensor(2048), state_n))) == 24
     assert triton_op.kv_heads_per_launch(q, 3, state_total) == 1

@@ -172,6 +172,23 @@ def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.con
 
 
 @triton.jit
+def _scan_excl_onto(base, x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.constexpr):
+    """base + ``_scan_excl(x, ...)``, base a [BLOCK_M, BLOCK_N] float32 array. The matrix-product
+    scan starts its accumulator at base, so the tensor cores do the addition: one ALU op per score
+    fewer. Their float32 accumulation keeps fewer low bits than an FADD (it aligns the addends to
+    the largest), far below fp16's and bf16's rounding; float32 inputs never come here."""
+    if SCAN == 0:
+        return base + _scan_excl(x, tri, SCAN, REVERSE, NONNEG)
+    else:
+        hi = _to_fp16_saturated(x, NONNEG)
+        s = tl.dot(hi, tri, base)
+        if SCAN == 2:
+            lo = _to_fp16_saturated(x - hi.to(tl.float32), False)
+            s = tl.dot(lo, tri, s)
+        return s
+
+
+@triton.jit
 def _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN: tl.constexpr):
     """(first row of this sequence in the packed row space, its length)."""
     if IS_VARLEN:
@@ -184,11 +201,32 @@ def _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(CU_SEQLENS, T_dense, num_heads, group, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+def _work_order(num_pairs, sched_pairs):
+    """(rank, sequence-head pair) of this program; rank 0 is the pair's program with the most
+    work. The grid is one axis of n_ranks x num_pairs programs, which the GPU starts in index
+    order: chunk by chunk of ``sched_pairs`` pairs, and within a chunk every pair's rank 0, then
+    every pair's rank 1, and so on. The longest programs start first and the last to start are
+    the shortest. Pair by pair instead, the last pairs' longest programs start near the end and
+    run on alone: a causal tail of 5-10% of each kernel in a simulation of the launch order
+    (more for a backward launch of few heads). A chunk holds a few pairs, not all of them, so
+    that the K/V they walk stay in L2 while it runs."""
+    n_ranks = tl.num_programs(0) // num_pairs
+    pid = tl.program_id(0)
+    chunk = pid // (n_ranks * sched_pairs)
+    within = pid - chunk * (n_ranks * sched_pairs)
+    width = tl.minimum(sched_pairs, num_pairs - chunk * sched_pairs)
+    rank = within // width
+    return rank, chunk * sched_pairs + within - rank * width
+
+
+@triton.jit
+def _query_tile(
+    CU_SEQLENS, T_dense, num_heads, group, num_pairs, sched_pairs, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
     """(sequence, head, kv head, first packed row, length, first row of the tile) of a query-major
     program. The heaviest query tiles (furthest from the sequence start) are launched first."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    rank, pid_bh = _work_order(num_pairs, sched_pairs)
+    pid_m = tl.num_programs(0) // num_pairs - 1 - rank
     pid_b = pid_bh // num_heads
     pid_h = pid_bh % num_heads
     row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
@@ -260,7 +298,10 @@ def _fwd_block(
             valid = keys[None, :] < offs_m[:, None]
         z2 = tl.where(valid, z2, MASKED_LOGIT2)
     sp2, _ = _softplus2(z2, ACCURATE, SCAN)
-    # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry
+    # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry.
+    # (Adding the row offsets on the tensor cores, as the backward does, left the instruction
+    # count unchanged here and made the H100 forward 2-3% slower: reports/NVIDIA_H100_80GB_HBM3/
+    # bwd_ab_r4_1_new.json.)
     suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
     weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -278,12 +319,14 @@ def sb_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_rb, stride_rh, stride_rt,
-    T_dense, total_rows, num_heads, group, HEAD_DIM: tl.constexpr, scale2, skip_threshold,
+    T_dense, total_rows, num_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2, skip_threshold,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, SKIP: tl.constexpr,
     SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
-    pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(CU_SEQLENS, T_dense, num_heads, group, BLOCK_M, IS_VARLEN)
+    pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(
+        CU_SEQLENS, T_dense, num_heads, group, num_pairs, sched_pairs, BLOCK_M, IS_VARLEN
+    )
     if start_m >= seqlen:
         return
     q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
@@ -398,39 +441,52 @@ def _bwd_block_logits(
 
 
 @triton.jit
-def _bwd_block_grads(
-    z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix,
+def _bwd_block_weights(
+    z2, sp2, log2_beta, r_right, do, v, tri_suffix,
     SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
-    """Weights and logit gradients of one block, given per row the sum of sp2 right of it
-    (``r_right``) and P left of it (``carry_p``). Returns (A, dz, row sums of g). Masked entries
-    (z2 = MASKED_LOGIT2) come out as A = g = dz = 0 from the arithmetic itself."""
-    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
-    log2_beta = z2 - sp2
-    weights = tl.exp2(log2_beta - suffix - r_right[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    g = weights * dp
-    p_excl = _scan_excl(g, tri_prefix, SCAN, False, False) + carry_p[:, None]
+    """(A, g = A <do, v>) of one block, given per row the sum of sp2 right of it (``r_right``).
+    Masked entries (z2 = MASKED_LOGIT2) come out as A = g = 0 from the arithmetic itself."""
     if ACCURATE:
-        # sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal: 1/(1+e) is the
-        # larger of the two, e/(1+e) the smaller, each to a few ulps even where the other rounds
-        # to 1, as float32's budget needs.
+        suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
+        weights = tl.exp2(log2_beta - suffix - r_right[:, None])
+    else:
+        weights = tl.exp2(-_scan_excl_onto(r_right[:, None] - log2_beta, sp2, tri_suffix, SCAN, True, True))
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return weights, weights * dp
+
+
+@triton.jit
+def _bwd_block_dz(
+    z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN: tl.constexpr, ACCURATE: tl.constexpr,
+):
+    """Logit gradients of one block, given per row P left of it (``carry_p``); 0 where masked.
+    A separate step from the weights so that the dK/dV kernel can issue its dV product, and
+    free the weights' registers, before the prefix scan (the weights are dead by then)."""
+    if ACCURATE:
+        p_excl = _scan_excl(g, tri_prefix, SCAN, False, False) + carry_p[:, None]
+        # float32 inputs: sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal:
+        # 1/(1+e) is the larger of the two, e/(1+e) the smaller, each to a few ulps even where
+        # the other rounds to 1; and g - beta (P_incl + drem rem), with P_incl = P_excl + g,
+        # regrouped so that no term cancels. float32's budget needs both.
         big = _rcp_1_to_2(1.0 + e)
         small = e * big
         beta = tl.where(z2 >= 0, big, small)
         one_minus_beta = tl.where(z2 >= 0, small, big)
+        dz = g * one_minus_beta - beta * (p_excl + drem_rem[:, None])
     else:
-        # beta = 2^(z2 - sp2) and 1 - beta = 2^-sp2: two special-function ops on values already
-        # at hand, where the reciprocal form costs the ALU an add, a multiply, a compare and two
-        # selects per score (the backward is ALU-bound: ~40 ALU ops per score against 3-4 on the
-        # special-function unit, which issues an eighth as fast). z2 - sp2 rounds away the bits
-        # of softplus below z2's ulp, so beta ~ 1 is off by up to ~1e-6 relative: far below
-        # fp16's and bf16's rounding, not below float32's.
-        beta = tl.exp2(log2_beta)
-        one_minus_beta = tl.exp2(-sp2)
-    # g - beta (P_incl + drem rem) with P_incl = P_excl + g, regrouped so that no term cancels
-    dz = g * one_minus_beta - beta * (p_excl + drem_rem[:, None])
-    return weights, dz, tl.sum(g, 1)
+        # fp16/bf16 inputs: dz = g - beta (P_incl + drem rem), the running sum formed on the
+        # tensor cores on top of its row offsets, and beta = 2^(z2 - sp2) the one
+        # special-function op beyond the weights. Where beta ~ 1 and P_excl + drem rem ~ 0 this
+        # cancels (g - beta g) to within a float32 ulp of g, 2^-24 |g|: far below the 2^-8 (bf16)
+        # or 2^-11 (fp16) relative rounding dz gets on its way into the dK and dQ products. The
+        # cancellation-free form, g (1 - beta) - beta (P_excl + drem rem), costs another
+        # special-function op (1 - beta = 2^-sp2), an ALU op, and 32 live registers at a 64x64
+        # tile, which the dK/dV kernel spilled: 14% of its time on the H100 at D=64
+        # (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r4_1_new.json).
+        p_incl = _scan_excl_onto(g + (carry_p + drem_rem)[:, None], g, tri_prefix, SCAN, False, False)
+        dz = g - tl.exp2(log2_beta) * p_incl
+    return dz
 
 
 @triton.jit
@@ -459,11 +515,11 @@ def _dq_block(
     )
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
-    weights, dz, g_sum = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, ACCURATE,
-    )
+    log2_beta = z2 - sp2
+    _, g = _bwd_block_weights(z2, sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
+    dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
-    carry_p += g_sum
+    carry_p += tl.sum(g, 1)
     # ... and the stick right of it at its right edge (or where the walk ends).
     at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
     tl.store(STATE_R + row_slot + ns, r_right, mask=has_slot & at_right_edge)
@@ -484,14 +540,16 @@ def sb_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_drb, stride_drh, stride_drt,
     stride_dqb, stride_dqh, stride_dqt,
-    T_dense, total_rows, state_total, num_heads, group, HEAD_DIM: tl.constexpr, scale2, inv_temp, num_key_blocks,
-    ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    T_dense, total_rows, state_total, num_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
+    inv_temp, num_key_blocks, ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
     PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
     # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
-    pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(CU_SEQLENS, T_dense, num_heads, group, BLOCK_M, IS_VARLEN)
+    pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(
+        CU_SEQLENS, T_dense, num_heads, group, num_pairs, sched_pairs, BLOCK_M, IS_VARLEN
+    )
     if start_m >= seqlen:
         return
     q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
@@ -610,10 +668,10 @@ def _dkdv_tile(
     z2, sp2, e, _ = _bwd_block_logits(
         q, k, offs_n, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
-    weights, dz, _ = _bwd_block_grads(
-        z2, sp2, e, r_right, do, v, carry_p, drem_rem, tri_suffix, tri_prefix, SCAN, PRECISION, ACCURATE,
-    )
+    log2_beta = z2 - sp2
+    weights, g = _bwd_block_weights(z2, sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
     return dk, dv
 
@@ -628,14 +686,14 @@ def sb_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    T_dense, total_rows, state_total, num_kv_heads, group, HEAD_DIM: tl.constexpr, scale2, inv_temp,
-    num_key_blocks,
+    T_dense, total_rows, state_total, num_kv_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
+    inv_temp, num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    # Key block 0 sees every query tile: the most work, launched first.
+    pid_n, pid_bhk = _work_order(num_pairs, sched_pairs)
     pid_b = pid_bhk // num_kv_heads
     pid_hk = pid_bhk % num_kv_heads
     row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)

@@ -170,12 +170,12 @@ def triton_sb_fwd(
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(f, q.dtype, head_dim, attend_current, varlen)["fwd"]
-    grid = (triton.cdiv(longest, options["BLOCK_M"]), n_seq * heads)
-    kernels.sb_fwd_kernel[grid](
+    pairs = n_seq * heads
+    kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
         q, k, v, o, rem, logrem, stop, cu_seqlens if varlen else stop,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(o, varlen),
         *_rem_strides(rem, varlen),
-        t_dense, rows, heads, heads // kv_heads, head_dim, inv_temp * LOG2E,
+        t_dense, rows, heads, heads // kv_heads, pairs, SCHED_PAIRS_QUERY_MAJOR, head_dim, inv_temp * LOG2E,
         float(-f["skip_log2"]) if options["SKIP"] else 0.0, **options,
     )
     return o, rem, logrem, stop
@@ -202,19 +202,35 @@ def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
 # heads x T^2 / STATE_N floats, which outgrow everything else at long T (at B=4, H=24, D=64,
 # T=16k with 64-key blocks: 1.5 GiB, which made the backward's peak 1.52x FlashAttention-2's).
 # The backward therefore runs over groups of kv heads (with their query heads) whose sums fit in
-# this multiple of q's bytes: FlashAttention-2 itself holds a float32 dq accumulator, twice q's
-# bytes for bf16 input. Heads are independent, so the gradients are bit-identical whatever the
-# grouping; each group is two more launches, each still B x heads x T / tile programs.
-STATE_BUDGET_Q_MULTIPLE = 2
+# this multiple of q's bytes (FlashAttention-2 itself holds a float32 dq accumulator, twice q's
+# bytes for bf16 input). Heads are independent, so the gradients are bit-identical whatever the
+# grouping; each group is two more launches, each still B x heads x T / tile programs, and each
+# ends with its longest dK/dV programs running on a part-idle GPU: 3x rather than 2x takes
+# T=16k, D=64 in 3 launches instead of 5, and T=4k in one.
+STATE_BUDGET_Q_MULTIPLE = 3
+
+# (sequence, head) pairs per chunk of the launch order (kernels._work_order): within a chunk
+# every pair's longest program starts before any pair's shorter ones. On the H100 at T=8192
+# (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r5_3_lpt*.json, against bwd_ab_r5_2_split.json, which
+# launched pair by pair) chunks of 16 made the query-major kernels 3-8% faster (forward and
+# dQ, D=64 and 128; chunks of 8 or of every pair were slower than 16). The key-major dK/dV
+# kernel keeps pair by pair (a chunk of 1): its programs each read all of their pair's q and
+# do, which chunks spread over more pairs than L2 holds; chunks of 8, 16 and all pairs made it
+# 8-14% slower at D=128 and gained at most 0.5% at D=64.
+SCHED_PAIRS_QUERY_MAJOR = 16
+SCHED_PAIRS_KEY_MAJOR = 1
 
 
 def kv_heads_per_launch(q: torch.Tensor, kv_heads: int, state_total: int) -> int:
     """How many kv heads (each with its query heads) one backward launch takes under the
-    boundary-state budget: at least one, at most all."""
+    boundary-state budget: at least one, at most all, and as even a split as that many launches
+    allow (24 heads under a budget of 11 go 8 + 8 + 8, not 11 + 11 + 2: a launch of few heads
+    leaves most of the GPU idle while its longest programs finish)."""
     group = q.shape[1] // kv_heads
     state_bytes_per_kv_head = 2 * 4 * state_total * group
     budget = STATE_BUDGET_Q_MULTIPLE * q.numel() * q.element_size()
-    return max(1, min(kv_heads, budget // max(state_bytes_per_kv_head, 1)))
+    most = max(1, min(kv_heads, budget // max(state_bytes_per_kv_head, 1)))
+    return -(-kv_heads // -(-kv_heads // most))
 
 
 def _state_slots(lengths: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -282,19 +298,20 @@ def triton_sb_bwd(
         row_hi = torch.full((n_seq * n_kv, num_key_blocks), -1, dtype=torch.int32, device=q.device)
         # Per (sequence, kv head): the largest first key of any row (0: nothing skipped).
         max_stop = torch.zeros(n_seq * n_kv, dtype=torch.int32, device=q.device)
-        kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seq * (h1 - h0))](
+        q_pairs, kv_pairs = n_seq * (h1 - h0), n_seq * n_kv
+        kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m) * q_pairs,)](
             qc, kc, vc, doc, dremc, logrem[h0:h1], stop[h0:h1], cu, cu_states, dqc, drem_rem, state_r, state_p,
             row_hi, max_stop,
             *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen),
             *_strides3(doc, varlen), *_rem_strides(dremc, varlen), *_strides3(dqc, varlen),
-            t_dense, rows, state_total, h1 - h0, group, head_dim, scale2, inv_temp,
+            t_dense, rows, state_total, h1 - h0, group, q_pairs, SCHED_PAIRS_QUERY_MAJOR, head_dim, scale2, inv_temp,
             num_key_blocks, **options["bwd_dq"],
         )
-        kernels.sb_bwd_dkdv_kernel[(num_key_blocks, n_seq * n_kv)](
+        kernels.sb_bwd_dkdv_kernel[(num_key_blocks * kv_pairs,)](
             qc, kc, vc, doc, stop[h0:h1], cu, cu_states, drem_rem, state_r, state_p, row_hi, max_stop, dkc, dvc,
             *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen), *_strides3(doc, varlen),
             *_strides3(dkc, varlen), *_strides3(dvc, varlen),
-            t_dense, rows, state_total, n_kv, group, head_dim, scale2, inv_temp,
+            t_dense, rows, state_total, n_kv, group, kv_pairs, SCHED_PAIRS_KEY_MAJOR, head_dim, scale2, inv_temp,
             num_key_blocks, **options["bwd_dkdv"],
         )
     return dq, dk, dv
