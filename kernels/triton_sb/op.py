@@ -276,7 +276,9 @@ def triton_sb_bwd(
         state_total = int(cu_states[-1])  # one host sync: the buffers' size
     else:
         per_seq = int(_state_slots(torch.tensor(t_dense), state_n))
-        cu_states = torch.tensor([0, per_seq], dtype=torch.int64, device=q.device)
+        # [0, per_seq] made on the device: torch.tensor(list, device=cuda) is a blocking copy,
+        # which waited for the forward to finish before the backward's launches could be queued.
+        cu_states = torch.arange(0, 2 * per_seq, per_seq, dtype=torch.int64, device=q.device)
         state_total = n_seq * per_seq
     group = heads // kv_heads
     kv_step = kv_heads_per_launch(q, kv_heads, state_total)
