@@ -161,14 +161,7 @@ def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.con
     if SCAN == 0:
         return tl.cumsum(x, axis=1, reverse=REVERSE) - x
     else:
-        # Values beyond fp16's range arise only where the weights are 0 anyway; they are
-        # saturated so that none becomes inf (inf * 0 = NaN in the product).
-        hi = _to_fp16_saturated(x, NONNEG)
-        s = tl.dot(hi, tri)
-        if SCAN == 2:
-            lo = _to_fp16_saturated(x - hi.to(tl.float32), False)
-            s = tl.dot(lo, tri, s)
-        return s
+        return _scan_product(x, tri, None, SCAN, NONNEG)
 
 
 @triton.jit
@@ -180,12 +173,20 @@ def _scan_excl_onto(base, x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NON
     if SCAN == 0:
         return base + _scan_excl(x, tri, SCAN, REVERSE, NONNEG)
     else:
-        hi = _to_fp16_saturated(x, NONNEG)
-        s = tl.dot(hi, tri, base)
-        if SCAN == 2:
-            lo = _to_fp16_saturated(x - hi.to(tl.float32), False)
-            s = tl.dot(lo, tri, s)
-        return s
+        return _scan_product(x, tri, base, SCAN, NONNEG)
+
+
+@triton.jit
+def _scan_product(x, tri, acc, SCAN: tl.constexpr, NONNEG: tl.constexpr):
+    """acc (None: zeros) + x @ tri, x in one (SCAN=1) or two (SCAN=2) fp16 parts. Values beyond
+    fp16's range arise only where the weights are 0 anyway; they are saturated so that none
+    becomes inf (inf * 0 = NaN in the product)."""
+    hi = _to_fp16_saturated(x, NONNEG)
+    s = tl.dot(hi, tri, acc)
+    if SCAN == 2:
+        lo = _to_fp16_saturated(x - hi.to(tl.float32), False)
+        s = tl.dot(lo, tri, s)
+    return s
 
 
 @triton.jit
@@ -442,11 +443,12 @@ def _bwd_block_logits(
 
 @triton.jit
 def _bwd_block_weights(
-    z2, sp2, log2_beta, r_right, do, v, tri_suffix,
+    sp2, log2_beta, r_right, do, v, tri_suffix,
     SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     """(A, g = A <do, v>) of one block, given per row the sum of sp2 right of it (``r_right``).
-    Masked entries (z2 = MASKED_LOGIT2) come out as A = g = 0 from the arithmetic itself."""
+    Masked entries (z2 = MASKED_LOGIT2, so log2_beta ~ -1000) come out as A = g = 0 from the
+    arithmetic itself."""
     if ACCURATE:
         suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
         weights = tl.exp2(log2_beta - suffix - r_right[:, None])
@@ -516,7 +518,7 @@ def _dq_block(
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
     log2_beta = z2 - sp2
-    _, g = _bwd_block_weights(z2, sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
+    _, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
     dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += tl.sum(g, 1)
@@ -669,7 +671,7 @@ def _dkdv_tile(
         q, k, offs_n, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
     log2_beta = z2 - sp2
-    weights, g = _bwd_block_weights(z2, sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
+    weights, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
     dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
