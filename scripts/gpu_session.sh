@@ -56,9 +56,10 @@ for stage in "$@"; do
       ;;
     ab)
       # Kernel variants side by side in one call: GPU tests on the working tree, then the probe's
-      # first AB_PAIRS (default 2) pairs per head dim on each .device/ab/<name>/{kernels,op}.py swapped in
-      # (e.g. the previous revision's, from git show REV:kernels/triton_sb/kernels.py), then the
-      # working tree's files restored.
+      # first AB_PAIRS (default 2) pairs per head dim, or the pairs PROBE_PAIR_SPECS names (see
+      # gpu_bwd_probe.py), on each .device/ab/<name>/{kernels,op}.py swapped in (e.g. the previous
+      # revision's, from git show REV:kernels/triton_sb/kernels.py), then the working tree's files
+      # restored.
       python3 -m pytest -q -m gpu tests/test_triton.py 2>&1 | tail -4 | tee "$OUT/pytest_gpu_triton.log"
       mkdir -p .device/ab_keep && cp kernels/triton_sb/kernels.py kernels/triton_sb/op.py .device/ab_keep/
       for variant in .device/ab/*/; do

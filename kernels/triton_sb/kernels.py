@@ -203,8 +203,8 @@ def _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _work_order(num_pairs, sched_pairs):
-    """(rank, sequence-head pair) of this program; rank 0 is the pair's program with the most
-    work. The grid is one axis of n_ranks x num_pairs programs, which the GPU starts in index
+    """(rank, sequence-head pair, ranks per pair) of this program; rank 0 is the pair's program
+    with the most work. The grid is one axis of n_ranks x num_pairs programs, which the GPU starts in index
     order: chunk by chunk of ``sched_pairs`` pairs, and within a chunk every pair's rank 0, then
     every pair's rank 1, and so on. The longest programs start first and the last to start are
     the shortest. Pair by pair instead, the last pairs' longest programs start near the end and
@@ -217,7 +217,7 @@ def _work_order(num_pairs, sched_pairs):
     within = pid - chunk * (n_ranks * sched_pairs)
     width = tl.minimum(sched_pairs, num_pairs - chunk * sched_pairs)
     rank = within // width
-    return rank, chunk * sched_pairs + within - rank * width
+    return rank, chunk * sched_pairs + within - rank * width, n_ranks
 
 
 @triton.jit
@@ -226,8 +226,8 @@ def _query_tile(
 ):
     """(sequence, head, kv head, first packed row, length, first row of the tile) of a query-major
     program. The heaviest query tiles (furthest from the sequence start) are launched first."""
-    rank, pid_bh = _work_order(num_pairs, sched_pairs)
-    pid_m = tl.num_programs(0) // num_pairs - 1 - rank
+    rank, pid_bh, n_ranks = _work_order(num_pairs, sched_pairs)
+    pid_m = n_ranks - 1 - rank
     pid_b = pid_bh // num_heads
     pid_h = pid_bh % num_heads
     row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)
@@ -695,7 +695,7 @@ def sb_bwd_dkdv_kernel(
     ACCURATE: tl.constexpr,
 ):
     # Key block 0 sees every query tile: the most work, launched first.
-    pid_n, pid_bhk = _work_order(num_pairs, sched_pairs)
+    pid_n, pid_bhk, _ = _work_order(num_pairs, sched_pairs)
     pid_b = pid_bhk // num_kv_heads
     pid_hk = pid_bhk % num_kv_heads
     row0, seqlen = _seq_bounds(CU_SEQLENS, pid_b, T_dense, IS_VARLEN)

@@ -230,7 +230,7 @@ def kv_heads_per_launch(q: torch.Tensor, kv_heads: int, state_total: int) -> int
     state_bytes_per_kv_head = 2 * 4 * state_total * group
     budget = STATE_BUDGET_Q_MULTIPLE * q.numel() * q.element_size()
     most = max(1, min(kv_heads, budget // max(state_bytes_per_kv_head, 1)))
-    return -(-kv_heads // -(-kv_heads // most))
+    return triton.cdiv(kv_heads, triton.cdiv(kv_heads, most))
 
 
 def _state_slots(lengths: torch.Tensor, block_n: int) -> torch.Tensor:
