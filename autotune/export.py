@@ -49,7 +49,9 @@ DEFAULT_MIN_SPEEDUP = 1.02
 def _best_of(study: optuna.Study, stored: StoredStudy, min_speedup: float = DEFAULT_MIN_SPEEDUP) -> dict[str, Any] | None:
     trials = [t for t in study.get_trials(deepcopy=False)
               if t.state == TrialState.COMPLETE and not sampling.is_duplicate(t) and t.value is not None]
-    feasible = [t for t in trials if sampling.is_feasible(t)]
+    # A config whose numerics were not checked (it was slower than a checked one when it ran)
+    # is never exported: a wrong-but-fast config must not reach a config file.
+    feasible = [t for t in trials if sampling.is_feasible(t) and not sampling.is_unchecked(t)]
     if not feasible:
         return None
     best = min(feasible, key=lambda t: t.value)

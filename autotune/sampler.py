@@ -23,7 +23,7 @@ import itertools
 import math
 import random
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -34,6 +34,10 @@ from sbbench.core.registry import Backend
 
 Space = dict[str, tuple[Any, ...]]
 ParamsKey = tuple[Any, ...]
+# Whether a config (this pass's parameters) is worth launching at all; see Backend.launch_filter.
+Admissible = Callable[[Mapping[str, Any]], bool]
+# Spaces up to this many cells are enumerated (and filtered) once; larger ones are sampled.
+ENUMERATE_MAX = 200_000
 
 
 def pass_space(backend: Backend, pass_: str) -> Space:
@@ -102,9 +106,50 @@ def taken_keys(space: Space, trials: Iterable[FrozenTrial], exclude_number: int 
     }
 
 
+class Cells:
+    """The cells of a space worth trying: every combination of choices that ``admissible``
+    accepts (all of them without a filter). Enumerated once when the space is small enough."""
+
+    def __init__(self, space: Space, admissible: Admissible | None = None) -> None:
+        self.space = dict(space)
+        self.names = sorted(space)
+        self.admissible = admissible
+        self._listed: list[ParamsKey] | None = None
+        if space_size(space) <= ENUMERATE_MAX:
+            every = itertools.product(*(space[n] for n in self.names))
+            self._listed = [c for c in every if self._ok(c)]
+
+    def _ok(self, cell: ParamsKey) -> bool:
+        return self.admissible is None or bool(self.admissible(dict(zip(self.names, cell))))
+
+    def allows(self, params: Mapping[str, Any]) -> bool:
+        cell = params_key(self.space, params)
+        return _in_space(self.space, cell) and self._ok(cell)
+
+    @property
+    def size(self) -> int:
+        """How many cells may be tried (the filtered count for an enumerated space)."""
+        return len(self._listed) if self._listed is not None else space_size(self.space)
+
+    def untried(self, trials: Iterable[FrozenTrial]) -> int:
+        taken = {k for k in taken_keys(self.space, trials) if _in_space(self.space, k) and self._ok(k)}
+        return self.size - len(taken)
+
+    def random_untried(self, taken: set[ParamsKey], rng: random.Random) -> dict[str, Any] | None:
+        """A uniformly random admissible cell not in ``taken``, or None when none is left."""
+        if self._listed is not None:
+            free = [cell for cell in self._listed if cell not in taken]
+            return dict(zip(self.names, rng.choice(free))) if free else None
+        # A huge space is never exhausted by a tuning run: rejection sampling finds a free cell.
+        for _ in range(10_000):
+            cell = tuple(rng.choice(self.space[n]) for n in self.names)
+            if cell not in taken and self._ok(cell):
+                return dict(zip(self.names, cell))
+        return None
+
+
 def untried_count(space: Space, trials: Iterable[FrozenTrial]) -> int:
-    taken = {k for k in taken_keys(space, trials) if _in_space(space, k)}
-    return space_size(space) - len(taken)
+    return Cells(space).untried(trials)
 
 
 def _in_space(space: Space, key: ParamsKey) -> bool:
@@ -112,18 +157,8 @@ def _in_space(space: Space, key: ParamsKey) -> bool:
 
 
 def random_untried(space: Space, taken: set[ParamsKey], rng: random.Random) -> dict[str, Any] | None:
-    """A uniformly random cell not in ``taken``, or None when every cell is taken."""
-    names = sorted(space)
-    total = space_size(space)
-    if total <= 200_000:
-        free = [cell for cell in itertools.product(*(space[n] for n in names)) if cell not in taken]
-        return dict(zip(names, rng.choice(free))) if free else None
-    # A huge space is never exhausted by a tuning run: rejection sampling finds a free cell.
-    for _ in range(10_000):
-        cell = tuple(rng.choice(space[n]) for n in names)
-        if cell not in taken:
-            return dict(zip(names, cell))
-    return None
+    """A uniformly random cell of ``space`` not in ``taken``, or None when every cell is taken."""
+    return Cells(space).random_untried(taken, rng)
 
 
 def constraint_of(trial: FrozenTrial) -> Sequence[float]:
@@ -139,6 +174,24 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return all(v <= 0 for v in constraint_of(trial))
 
 
+def best_checked_latency(trials: Iterable[FrozenTrial]) -> float | None:
+    """The fastest complete trial within the numerics budget whose numerics were checked (or
+    ran with checking off): what a new config must beat."""
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+              and is_feasible(t) and not is_unchecked(t)]
+    return min(values) if values else None
+
+
+def is_pruned(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.PRUNED
+
+
+def is_unchecked(trial: FrozenTrial) -> bool:
+    """A trial whose numerics were not checked because it was slower than the study's best
+    checked config when it ran: it may guide the search, never be exported."""
+    return trial.user_attrs.get("checked") is False
+
+
 class DedupSampler(BaseSampler):
     """Proposes only configs the study has not tried, running or queued.
 
@@ -147,8 +200,10 @@ class DedupSampler(BaseSampler):
     complete proposal can be checked against the study before the trial starts.
     """
 
-    def __init__(self, space: Space, inner: BaseSampler | None, seed: int | None = None, retries: int = 16) -> None:
+    def __init__(self, space: Space, inner: BaseSampler | None, seed: int | None = None, retries: int = 16,
+                 cells: Cells | None = None) -> None:
         self._space = dict(space)
+        self._cells = cells if cells is not None else Cells(space)
         self._dists = distributions(space)
         self._inner = inner
         self._rng = random.Random(seed)
@@ -172,9 +227,9 @@ class DedupSampler(BaseSampler):
                 proposal = self._inner.sample_relative(study, trial, search_space)
                 if set(proposal) != set(self._space):
                     break  # the model is still in its random start-up phase
-                if params_key(self._space, proposal) not in taken:
+                if params_key(self._space, proposal) not in taken and self._cells.allows(proposal):
                     return proposal
-        cell = random_untried(self._space, taken, self._rng)
+        cell = self._cells.random_untried(taken, self._rng)
         # None: the space is exhausted; the tuner notices before asking, except in a race with
         # another tuner, where it marks the repeat as a duplicate instead of running it.
         return cell if cell is not None else {}
@@ -203,11 +258,11 @@ class DedupSampler(BaseSampler):
             self._inner.reseed_rng()
 
 
-def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10) -> DedupSampler:
+def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10, cells: Cells | None = None) -> DedupSampler:
     """``tpe``: multivariate TPE that treats trials outside the numerics budget as infeasible;
-    ``grid``: every cell once, in random order."""
+    ``grid``: every cell once, in random order. Both propose only ``cells`` (default: all)."""
     if kind == "grid":
-        return DedupSampler(space, None, seed=seed)
+        return DedupSampler(space, None, seed=seed, cells=cells)
     if kind != "tpe":
         raise ValueError(f"--sampler: expected tpe or grid, got {kind!r}")
     with warnings.catch_warnings():
@@ -218,5 +273,5 @@ def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10) -
         tpe = optuna.samplers.TPESampler(
             multivariate=True, constraints_func=constraint_of, seed=seed, n_startup_trials=startup_trials
         )
-    return DedupSampler(space, tpe, seed=seed)
+    return DedupSampler(space, tpe, seed=seed, cells=cells)
 

@@ -12,7 +12,7 @@ A worker serves one device: ``CUDA_VISIBLE_DEVICES`` is set to its GPU before CU
 inside it the GPU is ``cuda:0``. Workers outlive single trials, so imports, Triton's compiled
 kernels and the timing inputs are paid for once per worker, not once per trial.
 
-The worker times and checks only through the harness (design.md section 8):
+The worker times and checks only through the harness:
 ``sbbench.harness.bench.measure`` for the latency and ``sbbench.harness.check.check_case`` for
 the numerics budget.
 """
@@ -72,7 +72,40 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="sbbench-parent-watch", daemon=True).start()
 
 
-def _worker_main(conn: Any, gpu: tuple[int, str] | None, plugins: Sequence[str]) -> None:
+def _disable_kernel_launches() -> None:
+    """Make every Triton kernel call compile (into Triton's on-disk cache) without launching.
+
+    A compile worker runs a config's pass on inputs of the real shapes, so the kernels it builds
+    are specialised exactly as the timing worker's will be (Triton specialises on argument
+    values such as divisibility by 16), and the timing worker then loads them from the cache
+    instead of compiling. No kernel runs, so compiling costs the GPU nothing but memory.
+    """
+    from triton.runtime.jit import JITFunction
+
+    launch = JITFunction.run
+
+    def compile_only(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = compile_only  # type: ignore[method-assign]
+
+
+def _device_limits(device: str) -> dict[str, Any]:
+    """What a backend's launch filter needs to know of the device before launching anything."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return {
+        "compute_capability": [props.major, props.minor],
+        "multiprocessors": props.multi_processor_count,
+        "shared_memory_per_block": getattr(props, "shared_memory_per_block_optin", None),
+        "registers_per_multiprocessor": getattr(props, "regs_per_multiprocessor", None),
+    }
+
+
+def _worker_main(conn: Any, gpu: tuple[int, str] | None, plugins: Sequence[str], role: str = "time") -> None:
     # Ctrl-C reaches the whole process group; the tuner decides what happens to a running trial,
     # so workers ignore SIGINT and are ended by their parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -105,8 +138,12 @@ def _worker_main(conn: Any, gpu: tuple[int, str] | None, plugins: Sequence[str])
             torch.are_deterministic_algorithms_enabled(),
             warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
         )
-        info = {"ok": True, "pid": os.getpid(), "device_arg": device,
-                "gpu": None if gpu is None else gpu[1], **environment(device)}
+        if role == "compile" and device.startswith("cuda"):
+            _disable_kernel_launches()
+        limits = _device_limits(device)
+        info = {"ok": True, "pid": os.getpid(), "device_arg": device, "role": role,
+                "gpu": None if gpu is None else gpu[1], **environment(device),
+                "compute_capability": limits.get("compute_capability"), "device_limits": limits}
     except BaseException as exc:  # report why the worker cannot start instead of dying silently
         conn.send({"ok": False, "error": f"worker failed to start: {exc!r}", "traceback": traceback.format_exc()})
         return
@@ -119,17 +156,23 @@ def _worker_main(conn: Any, gpu: tuple[int, str] | None, plugins: Sequence[str])
             return  # the tuner went away
         if task is None:
             return
-        reply = _run_task(task, device, cache)
+        reply = _compile_task(task, device, cache) if role == "compile" else _run_task(task, device, cache)
         conn.send(reply)
         if reply.get("restart"):
             return  # the parent starts a fresh worker: this CUDA context may be poisoned
+
+
+def is_resource_error(text: str) -> bool:
+    """Whether an error says the config could not be built or launched for lack of resources."""
+    lowered = text.lower()
+    return any(s in lowered for s in _HARMLESS_ERRORS)
 
 
 def _context_poisoned(device: str, text: str) -> bool:
     if not device.startswith("cuda"):
         return False
     lowered = text.lower()
-    if any(s in lowered for s in _HARMLESS_ERRORS):
+    if is_resource_error(text):
         return False
     import torch
 
@@ -186,6 +229,23 @@ def _constraint(rows: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
     return float(min(worst, 1e6)), worst_text
 
 
+def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> dict[str, Any]:
+    """Build what one config of the pass needs, launching nothing (see _disable_kernel_launches)."""
+    started = time.perf_counter()
+    reply: dict[str, Any] = {"restart": False, "status": "ok"}
+    try:
+        from sbbench.harness.bench import run_once
+        from sbbench.harness.cases import Case
+
+        run_once(task["backend"], Case(**task["case"]), task["mode"], _timing_inputs(task, device, cache),
+                 device=device, config=dict(task["config"]))
+    except BaseException as exc:  # the timing worker meets the same failure and records it
+        reply.update(status="error", error=f"{type(exc).__name__}: {exc}"[:4000])
+        reply["restart"] = _context_poisoned(device, str(reply["error"]))
+    reply["worker_seconds"] = time.perf_counter() - started
+    return reply
+
+
 def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     reply: dict[str, Any] = {"restart": False}
@@ -197,17 +257,26 @@ def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> di
         inputs = _timing_inputs(task, device, cache)
         row = measure(
             task["backend"], case, task["mode"], task["regime"], device=device, config=dict(task["config"]),
-            inputs=inputs, **dict(task.get("measure_kwargs") or {}),
+            inputs=inputs, prune_above_ms=task.get("prune_above_ms"), **dict(task.get("measure_kwargs") or {}),
         )
+        reply["timing_seconds"] = time.perf_counter() - started
         reply.update(
             status=row.get("status"), error=row.get("error"), latency_ms=row.get("latency_ms"),
             latency_q20_ms=row.get("latency_q20_ms"), latency_q80_ms=row.get("latency_q80_ms"),
             implementation=row.get("implementation"), skipped_fraction=row.get("skipped_fraction"),
         )
-        if row.get("status") != "ok" or not _positive(row.get("latency_ms")):
+        check_below = task.get("check_below_ms")
+        if row.get("status") == "pruned":
+            pass
+        elif row.get("status") != "ok" or not _positive(row.get("latency_ms")):
             reply["status"] = row.get("status") if row.get("status") not in (None, "ok") else "error"
             reply["error"] = row.get("error") or f"measure returned no latency (status {row.get('status')!r})"
+        elif task.get("check_case") and check_below is not None and row["latency_ms"] >= check_below:
+            # Slower than the study's best checked config: it cannot become the best, so its
+            # numerics need not be known (export only ever takes checked configs).
+            reply["checked"] = False
         elif task.get("check_case"):
+            reply["checked"] = True
             from sbbench.harness.check import check_case
 
             rows = check_case(
@@ -227,7 +296,7 @@ def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> di
         text = f"{type(exc).__name__}: {exc}"
         reply.update(status="oom" if "out of memory" in text.lower() else "error", error=text[:4000],
                      traceback=traceback.format_exc()[-4000:])
-    if reply.get("status") != "ok":
+    if reply.get("status") not in ("ok", "pruned"):
         reply["restart"] = _context_poisoned(device, str(reply.get("error") or ""))
         cache.clear()
         if device.startswith("cuda"):
@@ -270,9 +339,11 @@ class Worker:
     replaced whenever it dies, overruns its time limit or reports a poisoned CUDA context."""
 
     def __init__(self, gpu: tuple[int, str] | None, plugins: Sequence[str] = (), startup_timeout: float = 600.0,
-                 label: str | None = None) -> None:
+                 label: str | None = None, role: str = "time") -> None:
         # gpu: (index among the GPUs the tuner sees, id for CUDA_VISIBLE_DEVICES), or None.
+        # role: "time" (trials: timing and numerics) or "compile" (builds kernels ahead, runs none).
         self.gpu = gpu
+        self.role = role
         self.plugins = tuple(plugins)
         self.startup_timeout = startup_timeout
         self.info: dict[str, Any] | None = None
@@ -297,7 +368,7 @@ class Worker:
         parent, child = self._ctx.Pipe()
         # Not a daemon: a daemonic process may not have children, and torch.compile (the
         # `compiled` backend) starts compile workers.
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.gpu, self.plugins), daemon=False)
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.gpu, self.plugins, self.role), daemon=False)
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent

@@ -15,6 +15,7 @@ import torch
 from sbbench.core.problem import AttnProblem
 from sbbench.core.registry import Param, register_backend
 from sbbench.core.tuned import tuned_config_hook
+from sbbench.kernels.triton_sb.limits import launch_filter
 
 CONFIG_SPACE = (
     Param("fwd_BLOCK_M", (16, 32, 64, 128, 256), "fwd"),
@@ -148,4 +149,5 @@ register_backend(
     extra_check=_extra_check,
     tuned_config=tuned_config_hook("triton", {p.name: p.pass_ for p in CONFIG_SPACE}),
     skipped_fraction=_skipped_fraction,
+    launch_filter=launch_filter,
 )(triton_sb_attn)

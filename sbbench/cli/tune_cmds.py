@@ -36,9 +36,25 @@ StorageOpt = Annotated[Optional[str], typer.Option(
     "share the same studies (each runs `sbbench tune` with the same flags).", show_default=False)]
 
 
+# The flag of each TuneSettings field a TuneError can name.
+FLAGS = {
+    "backend": "--backend", "passes": "--pass", "n_trials": "--trials", "time_budget_s": "--minutes",
+    "sampler": "--sampler", "storage": "--storage", "devices": "--devices", "trial_timeout": "--trial-timeout",
+    "check_seqlen": "--check-seqlen", "startup_trials": "--startup-trials", "space": "--space",
+    "compile_workers": "--compile-workers", "prune_factor": "--prune-factor",
+    "cases": "--batch/--heads/--kv-heads/--head-dim/--seqlens",
+    "regime": "--regime", "plugins": "--import",
+}
+
+
 def _usage(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(EXIT_USAGE)
+
+
+def _tune_error(exc: Any) -> typer.Exit:
+    flag = FLAGS.get(exc.argument)
+    return _usage(f"{flag}: {exc.message}" if flag else str(exc))
 
 
 def _parse_devices(text: str | None) -> list[int] | None:
@@ -71,6 +87,7 @@ class _Progress:
         from sbbench.autotune.tuner import Reporter
 
         self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self.on_row: Any = None
         self.bar: Any = None
         self.task: Any = None
         outer = self
@@ -79,11 +96,13 @@ class _Progress:
             def message(self, text: str) -> None:
                 outer._echo(text)
 
-            def start_study(self, plan: Any, planned: int, resumed: int) -> None:
-                outer._start(plan, planned, resumed)
+            def start_study(self, plan: Any, planned: int, resumed: int, budget_s: float | None) -> None:
+                outer._start(plan, planned, resumed, budget_s)
 
-            def trial_done(self, plan: Any, trial: Any, best_ms: float | None) -> None:
+            def trial_done(self, plan: Any, trial: Any, best_ms: float | None, row: Any) -> None:
                 outer._trial(plan, trial, best_ms)
+                if outer.on_row is not None:
+                    outer.on_row(row)
 
             def end_study(self, summary: Any) -> None:
                 outer._end(summary)
@@ -96,9 +115,13 @@ class _Progress:
         else:
             typer.echo(text)
 
-    def _start(self, plan: Any, planned: int, resumed: int) -> None:
+    def _start(self, plan: Any, planned: int, resumed: int, budget_s: float | None) -> None:
         head = f"{plan.key.label()} [{plan.sampler}]: study {plan.study_name}"
         head += f", resuming after {resumed} trial(s)" if resumed else ", new"
+        if budget_s is not None:
+            head += f", {budget_s:.0f} s of the budget"
+        if plan.warm_start:
+            head += f", {len(plan.warm_start)} warm-start config(s)"
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -112,7 +135,7 @@ class _Progress:
             self._echo(head)
 
     def _trial(self, plan: Any, trial: Any, best_ms: float | None) -> None:
-        from sbbench.autotune.tuner import describe_trial
+        from sbbench.autotune.summary import describe_trial
 
         if self.bar is not None:
             self.bar.update(self.task, advance=1, best=f"best {_fmt_ms(best_ms)} ms")
@@ -138,22 +161,31 @@ def _config_change(best: dict[str, Any] | None, default: dict[str, Any]) -> str:
     return _fmt_config(changed) if changed else "(the default)"
 
 
+def _fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def summary_table(summaries: list[Any]) -> str:
-    """The per-key table of a tune run."""
+    """The per-key table of a tune run: what each study found and what its time bought."""
     rows = []
     for s in summaries:
         speed = f"{s.speedup:.2f}x" if s.speedup else "-"
         default_ms = _fmt_ms(s.default_latency_ms)
         if s.default_status not in (None, "ok"):
             default_ms = f"{default_ms} ({s.default_status})"
+        best = _config_change(s.best_params, s.default_params)
+        if s.best_source and s.best_source not in ("default", s.sampler):
+            best += f" (from {s.best_source.rsplit('/', 2)[-2]})" if "/" in s.best_source else f" (from {s.best_source})"
         rows.append([
-            s.key.label(), s.sampler, _fmt_config(s.default_params), _config_change(s.best_params, s.default_params),
-            default_ms,
-            _fmt_ms(s.best_latency_ms), speed, f"{s.trials_this_run}/{s.trials_total}", s.failed, s.infeasible,
+            s.key.label(), s.sampler, best, default_ms, _fmt_ms(s.best_latency_ms), speed,
+            f"{_fmt_s(s.used_s)}/{_fmt_s(s.budget_s)}", f"{s.trials_this_run}/{s.trials_total}",
+            "-" if s.trials_per_minute is None else f"{s.trials_per_minute:.1f}", _fmt_s(s.median_trial_s),
+            _fmt_s(s.seconds_to_near_best), f"{s.pruned}/{s.failed}/{s.infeasible}/{s.unchecked}",
             f"{s.untried}/{s.space_size}",
         ])
-    return tabulate(rows, headers=["key", "sampler", "default config", "best config (changes)", "default ms", "best ms",
-                                   "speedup", "trials run/total", "failed", "infeasible", "untried/space"],
+    return tabulate(rows, headers=["key", "sampler", "best config (changes from default)", "default ms", "best ms",
+                                   "speedup", "s used/given", "trials run/total", "trials/min", "median trial s",
+                                   "s to within 2%", "pruned/failed/infeasible/unchecked", "untried/space"],
                     disable_numparse=True)
 
 
@@ -167,9 +199,34 @@ def comparison_table(comparisons: list[Any]) -> str:
         else:
             reach = f"{c.tpe_trials_needed} trials (trial {c.tpe_hit_trial}: {_fmt_ms(c.tpe_hit_ms)} ms)"
             secs = f"{c.tpe_seconds_needed:.1f}"
-        rows.append([c.key.label(), grid, f"{c.grid_seconds:.1f}", reach, secs])
-    return tabulate(rows, headers=["key", "grid best ms", "grid s", "TPE to within 2% of grid", "TPE s"],
-                    disable_numparse=True)
+        share = "-" if c.time_fraction is None else f"{c.time_fraction:.2f}"
+        rows.append([c.key.label(), grid, f"{c.grid_seconds:.1f}", reach, secs, share])
+    return tabulate(rows, headers=["key", "grid best ms", "grid s", "TPE to within 2% of grid", "TPE s",
+                                   "TPE s / grid s"], disable_numparse=True)
+
+
+def _comparison_record(c: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = asdict(c)
+    data["key"] = c.key.to_attrs()
+    data["time_fraction"] = c.time_fraction
+    return data
+
+
+def _write_json(path: Path, rows: list[dict[str, Any]], studies: list[dict[str, Any]] | None = None,
+                comparisons: list[dict[str, Any]] | None = None) -> None:
+    from sbbench.core.results import write_rows
+
+    meta: dict[str, Any] = {"command": "tune"}
+    if studies is not None:
+        meta["studies"] = studies
+    if comparisons is not None:
+        meta["comparisons"] = comparisons
+    try:
+        write_rows(path, rows, **meta)
+    except OSError as exc:
+        raise _usage(f"--json: cannot write {path} ({exc.strerror or exc})") from None
 
 
 @app.command("tune")
@@ -181,9 +238,21 @@ def tune_command(
     trials: Annotated[Optional[int], typer.Option(
         "--trials", help="New trials per study in this run (default: 30 for tpe; the whole space for grid).",
         show_default=False)] = None,
+    minutes: Annotated[Optional[float], typer.Option(
+        "--minutes", help="Wall-clock time for the whole run, shared by its studies in proportion to each "
+        "pass's share of a training step (backward 2.5, forward 1), backward studies first; time a study "
+        "leaves unused passes to the next. Running trials finish first.", show_default=False)] = None,
     timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", help="Wall-clock seconds for the whole run, shared evenly by the studies not yet run; "
-        "running trials finish first.", show_default=False)] = None,
+        "--timeout", help="The same budget as --minutes, in seconds.", show_default=False)] = None,
+    warm_start: Annotated[bool, typer.Option(
+        "--warm-start/--no-warm-start", help="Start each new study from the default config and the same key's "
+        "configs tuned on other GPUs of this architecture (their config files on the search path).")] = True,
+    compile_workers: Annotated[Optional[int], typer.Option(
+        "--compile-workers", help="Processes compiling upcoming configs while the GPU times the current one "
+        "(default: the host's cores less two, at most 8; 0 on the CPU).", show_default=False)] = None,
+    prune_factor: Annotated[float, typer.Option(
+        "--prune-factor", help="Cut a trial after its first timed run when that run is this many times "
+        "slower than the study's best so far.")] = 2.0,
     storage: StorageOpt = None,
     sampler: Annotated[str, typer.Option(
         "--sampler", help="tpe (multivariate TPE, default config first) or grid (every config once, for "
@@ -239,18 +308,13 @@ def tune_command(
     passes = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd")}.get(pass_)
     if passes is None:
         raise _usage(f"--pass: expected fwd, bwd or both, got {pass_!r}")
-    if sampler not in ("tpe", "grid"):
-        raise _usage(f"--sampler: expected tpe or grid, got {sampler!r}")
-    if trials is not None and trials < 1:
-        raise _usage(f"--trials: expected a positive number, got {trials}")
-    if timeout is not None and timeout <= 0:
+    if minutes is not None and timeout is not None:
+        raise _usage("--minutes/--timeout: give the budget once")
+    if minutes is not None and not minutes > 0:
+        raise _usage(f"--minutes: expected a positive number, got {minutes}")
+    if timeout is not None and not timeout > 0:
         raise _usage(f"--timeout: expected a positive number of seconds, got {timeout}")
-    if trial_timeout <= 0:
-        raise _usage(f"--trial-timeout: expected a positive number of seconds, got {trial_timeout}")
-    if startup_trials < 0:
-        raise _usage(f"--startup-trials: expected 0 or more, got {startup_trials}")
-    if check_seqlen < 1:
-        raise _usage(f"--check-seqlen: expected a positive integer, got {check_seqlen}")
+    budget_s = minutes * 60.0 if minutes is not None else timeout
     device_list = _parse_devices(devices)
     space_map: dict[str, list[str]] = {}
     for item in space or []:
@@ -298,13 +362,23 @@ def tune_command(
     comparisons: list[Any] = []
     rows: list[dict[str, Any]] = []
     interrupted = False
+    finished: list[dict[str, Any]] = []  # every trial of the studies run, earlier runs' too
+    if json_path is not None:
+        def save(row: Any) -> None:
+            # Each finished trial lands in the file at once: a stopped run keeps what it measured.
+            rows.append(dict(row))
+            _write_json(json_path, rows)
+
+        reporter.on_row = save
     typer.echo(f"storage: {storage or default_storage_url()}")
+    job_budget = None if budget_s is None else budget_s / len(jobs)
     for name, regime_name, cases in jobs:
         settings = TuneSettings(
             backend=name, cases=cases, passes=passes, regime=regime_name, sampler=sampler, n_trials=trials,
-            timeout=timeout, storage=storage, devices=device_list, trial_timeout=trial_timeout, check=check,
+            time_budget_s=job_budget, storage=storage, devices=device_list, trial_timeout=trial_timeout, check=check,
             check_seqlen=check_seqlen, seed=seed, plugins=plugins, space=space_map,
-            startup_trials=startup_trials,
+            startup_trials=startup_trials, warm_start=warm_start, compile_workers=compile_workers,
+            prune_factor=prune_factor,
         )
         try:
             result = run_tuning(settings, reporter.reporter)
@@ -313,7 +387,7 @@ def tune_command(
             interrupted = True
         except TuneError as exc:
             reporter._stop_bar()
-            raise _usage(str(exc)) from None
+            raise _tune_error(exc) from None
         finally:
             reporter._stop_bar()
         if result.workers:
@@ -323,7 +397,7 @@ def tune_command(
                        f"triton {info.get('triton_version')}")
         summaries += result.summaries
         comparisons += result.comparisons
-        rows += result.rows
+        finished.extend(result.rows)
         if interrupted:
             break
 
@@ -334,13 +408,9 @@ def tune_command(
         typer.echo("TPE against the exhaustive grid (same key, separate studies; time = sum of trial durations):")
         typer.echo(comparison_table(comparisons))
     if json_path is not None:
-        from sbbench.core.results import write_rows
-
-        try:
-            write_rows(json_path, rows, command="tune")
-        except OSError as exc:
-            raise _usage(f"--json: cannot write {json_path} ({exc.strerror or exc})") from None
-        typer.echo(f"wrote {len(rows)} rows to {json_path}")
+        _write_json(json_path, finished, [s.to_record() for s in summaries],
+                    [_comparison_record(c) for c in comparisons])
+        typer.echo(f"wrote {len(finished)} rows to {json_path}")
     if interrupted:
         typer.echo("interrupted: finished trials are saved; run the same command again to resume", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)

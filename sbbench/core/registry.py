@@ -86,6 +86,11 @@ class Backend:
     # Backends that skip key blocks report the fraction they skipped: called like ``fn`` (same
     # arguments), it runs the forward once and returns skipped / causal key blocks.
     skipped_fraction: Callable[..., float] | None = None
+    # Why a full launch config cannot run or cannot be fast for ``problem`` on a device with
+    # ``limits`` (shared memory per block, multiprocessors, ...; empty when unknown), judged
+    # before anything is built; None when it is worth launching. The tuner never launches a
+    # config this rejects.
+    launch_filter: Callable[[AttnProblem, Mapping[str, Any], Mapping[str, Any]], str | None] | None = None
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine, or None when it can."""

@@ -33,7 +33,7 @@ from sbbench.harness.runner import (
     resolve_backend,
     resolve_device,
 )
-from sbbench.harness.timing import peak_memory_mib, time_fn
+from sbbench.harness.timing import peak_memory_mib, time_fn, time_once
 
 
 def _check_mode(mode: str) -> None:
@@ -88,6 +88,7 @@ def measure(
     baseline: str | None = None,
     cuda_graph: bool | Literal["auto"] = False,
     seed: int | None = None,
+    prune_above_ms: float | None = None,
 ) -> dict[str, Any]:
     """Time ``backend`` on ``case`` in ``mode`` and ``regime``; one result row.
 
@@ -103,11 +104,14 @@ def measure(
         baseline: the comparator this row will be compared with (its ``comparator`` column).
         cuda_graph: GPU only: time from a CUDA graph (True), or only when launch-bound ("auto").
         seed: seed for fresh inputs.
+        prune_above_ms: when the first run after the warm-up takes longer, stop there: the row
+            has status ``pruned`` and that run's time as its latency (the tuner cuts configs
+            that cannot win this way).
 
     Returns:
         A row (``sbbench.core.results`` schema) with latency_ms (median), latency_q20_ms,
         latency_q80_ms, tflops, peak_mem_mib (None on CPU), skipped_fraction, implementation,
-        the resolved config, timer, and status ``ok``, ``error``, ``oom`` or ``unsupported``
+        the resolved config, timer, and status ``ok``, ``pruned``, ``error``, ``oom`` or ``unsupported``
         (the reason or the exception in ``error``).
 
     Raises:
@@ -150,18 +154,23 @@ def measure(
         op, setup = _timed_op(call, mode)
         # Warm-up: compiles kernels, and a failing backend fails here, before any timing.
         op(*(() if setup is None else (setup(),)))
-        row["peak_mem_mib"] = peak_memory_mib(op, dev, setup)
-        timing = time_fn(op, dev, setup=setup, cuda_graph=cuda_graph)
-        flops = case.flops(mode, inputs.get("lengths"))
-        row.update(
-            status="ok",
-            latency_ms=timing.median_ms,
-            latency_q20_ms=timing.q20_ms,
-            latency_q80_ms=timing.q80_ms,
-            tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-            timer=timing.timer,
-            runs=timing.runs,
-        )
+        first_ms = None if prune_above_ms is None else time_once(op, dev, setup)
+        if first_ms is not None and first_ms > prune_above_ms:
+            row.update(status="pruned", latency_ms=first_ms, runs=1, timer="one run after the warm-up",
+                       error=f"first timed run {first_ms:.4g} ms > {prune_above_ms:.4g} ms: not timed further")
+        else:
+            row["peak_mem_mib"] = peak_memory_mib(op, dev, setup)
+            timing = time_fn(op, dev, setup=setup, cuda_graph=cuda_graph)
+            flops = case.flops(mode, inputs.get("lengths"))
+            row.update(
+                status="ok",
+                latency_ms=timing.median_ms,
+                latency_q20_ms=timing.q20_ms,
+                latency_q80_ms=timing.q80_ms,
+                tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+                timer=timing.timer,
+                runs=timing.runs,
+            )
     except Exception as exc:
         row["status"], row["error"] = failure(exc)
         row["peak_mem_mib"] = None
@@ -183,6 +192,28 @@ def measure(
         except Exception as exc:  # the timing stands; only the diagnostic is missing
             row["notes"] = f"skipped_fraction failed: {failure(exc)[1]}"
     return row
+
+
+def run_once(
+    backend: Backend | str,
+    case: Case,
+    mode: str,
+    inputs: dict,
+    *,
+    device: str | torch.device | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> None:
+    """Run ``mode`` of ``backend`` once on ``inputs`` (from ``make_inputs``), untimed; failures
+    raise. What the tuner's compile workers call to build a config's kernels ahead of timing."""
+    backend = resolve_backend(backend)
+    _check_mode(mode)
+    dev = resolve_device(device)
+    problem = problem_of(inputs, case)
+    call, _ = bind(backend, inputs, problem, config, requires_grad=mode != "fwd")
+    op, setup = _timed_op(call, mode)
+    op(*(() if setup is None else (setup(),)))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 # Rows with equal values here measured the same thing on the same inputs.

@@ -185,6 +185,24 @@ def time_fn(
     raise ValueError(f"device: timing supports cuda and cpu, not {device.type}")
 
 
+def time_once(fn: Callable[..., object], device: torch.device | str, setup: Callable[[], Any] | None = None) -> float:
+    """Milliseconds of one run of ``fn`` (``fn(setup())``, setup untimed), after it has been
+    warmed up: enough to tell a config that is several times slower than another."""
+    device = torch.device(device)
+    args = () if setup is None else (setup(),)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+    start_s = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - start_s) * 1e3
+
+
 def peak_memory_mib(
     fn: Callable[..., object], device: torch.device | str, setup: Callable[[], Any] | None = None
 ) -> float | None:
