@@ -7,7 +7,7 @@
 #   check          pytest -m gpu, then `sbbench check` of every GPU backend (check.json, check_16k.json)
 #   varlen         `sbbench check` of packed varlen (bf16/fp16) and of float32 (check_varlen.json, check_fp32.json)
 #   bench          the results the device README quotes (bench_d128.json, bench_d64.json, bench_regimes.json)
-#   sweep          the gate's baseline: the whole of sbbench/sweeps/gate.json (bench.json)
+#   sweep          the gate's baseline: ci/gpu_gate.sh bench, the whole gate sweep (bench.json)
 #   memcheck       the bench memory column against a by-hand measurement (memory_by_hand.log)
 #   probe          per-kernel backward times of launch variants beside FA2 (bwd_probe.json)
 #   ab             the probe on kernel variants swapped in from .device/ab/<name>/{kernels,op}.py
@@ -64,7 +64,8 @@ for stage in "$@"; do
         --seqlens 4096,16384 --dtype bf16 --regime randn,mixed,peaked --json "$OUT/bench_regimes.json" 2>&1 | tail -20
       ;;
     sweep)
-      timeout -s TERM 580 sbbench bench --sweep sbbench/sweeps/gate.json --json "$OUT/bench.json" 2>&1 | tail -40
+      # The same sweep the GPU workflow gates (ci/gpu_gate.sh names it).
+      CURRENT="$OUT/bench.json" timeout -s TERM 580 bash ci/gpu_gate.sh bench 2>&1 | tail -40
       ;;
     memcheck)
       python3 scripts/memory_by_hand.py 2>&1 | tee "$OUT/memory_by_hand.log"
