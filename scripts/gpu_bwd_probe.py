@@ -1,127 +1,196 @@
-"""Backward-kernel probe for one GPU call: per-kernel CUDA time (torch profiler) of pairs of
-dQ and dK/dV launch configs per head dim, beside FlashAttention-2 (SDPA flash) in the same run,
-in the `dense` regime at T=8192; then the default config's peak memory at T=16384, D=64, H=24.
-Prints a table last and writes $OUT/bwd_probe.json. For choosing defaults; the figures of record
-come from `sbbench bench`.
+"""Backward-kernel probe (one GPU, a few minutes): the CUDA time of each kernel of one
+forward+backward (torch profiler) for pairs of dQ / dK/dV launch configs, beside
+FlashAttention-2 (SDPA pinned to FLASH_ATTENTION) on the same shapes, `dense` regime, T=8192;
+then the default config's peak memory at T=16384, D=64, H=24 beside FA2's.
 
-Each variant runs one forward+backward; its dQ and dK/dV times are read separately, so one run
-measures one dQ variant and one dK/dV variant.
+It times the kernels separately so that one run compares dQ and dK/dV variants at once; use it to
+choose defaults or a tuning space after a kernel change. The figures of record come from
+`sbbench bench`. Writes DIR/<name>.json and prints a table last.
+
+    python scripts/gpu_bwd_probe.py --out DIR
+    python scripts/gpu_bwd_probe.py --pairs 64:64x32w4s3r168/64x64w4s2,128:64x32w4s3/128x64w8s1
+
+A tile spec is MxNwWsS[rR]: BLOCK_M x BLOCK_N, W warps, S stages, optional register cap R.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
+import triton
 
-sys.path.insert(0, os.path.dirname(__file__))
-from gpu_probe import bench, kernel_split, peak_mem, results, sdpa_flash, time_fa2  # noqa: E402
+from sbbench.harness.cases import Case
+from sbbench.harness.inputs import make_inputs
+from sbbench.kernels.triton_sb import DEFAULT_CONFIG, triton_sb_attn
 
-from sbbench.kernels.triton_sb import DEFAULT_CONFIG, triton_sb_attn  # noqa: E402
-
-OUT = os.environ.get("OUT", "/tmp")
-
-# Per head dim, (name, config over the default): dQ tile / dK/dV tile pairs, measured together
-# (the dK/dV key tile must be a multiple of the dQ key tile). Rounds 1 and 2 are in
-# reports/NVIDIA_H100_80GB_HBM3/bwd_probe_r1.json and bwd_probe_r2.json (their pair lists with
-# them): dQ 64x32 3 stages, dK/dV 128x64 8 warps at D=128 and 64x64 4 warps at D=64.
-def _pair(dq: str, dkdv: str) -> dict:
-    """'64x32w4s3' (optionally 'r168': a register cap) -> the dQ / dK/dV launch fields."""
-    out = {}
-    for prefix, spec in (("bwd_", dq), ("bwd_dkdv_", dkdv)):
-        spec, _, cap = spec.partition("r")
-        m, rest = spec.split("x")
-        n, rest = rest.split("w")
-        w, s = rest.split("s")
-        out.update({f"{prefix}BLOCK_M": int(m), f"{prefix}BLOCK_N": int(n), f"{prefix}num_warps": int(w),
-                    f"{prefix}num_stages": int(s)})
-        if cap:
-            out[f"{prefix}maxnreg"] = int(cap)
-    return out
-
-
-# Round 3 (after the exp2 sigmoid, the compare-free dK/dV loop and the fence-free dQ kernel):
-# the tuned pairs, 2-stage dK/dV, and dQ register caps that fit a third (r168) or fourth (r128)
-# 4-warp program per SM (capping the dK/dV kernel spills 1-2 KB per thread: sass.py).
-# PROBE_PAIRS=N keeps the first N pairs per head dim (`gpu_session.sh ab`).
-PAIRS = {
+# (dQ spec, dK/dV spec) per head dim: the shipped tuned pairs first, then register caps that fit
+# a third (r168) or fourth (r128) 4-warp program per SM, and 2-stage dK/dV. The dK/dV key tile
+# must be a multiple of the dQ key tile.
+DEFAULT_PAIRS = {
     128: [("64x32w4s3", "128x64w8s1"), ("64x32w4s3r168", "128x64w8s1"), ("64x32w4s3", "128x64w8s2")],
     64: [("64x32w4s3", "64x64w4s1"), ("64x32w4s3r168", "64x64w4s1"), ("64x32w4s3r128", "64x64w4s1"),
          ("64x64w4s3r168", "64x64w4s1"), ("64x32w4s3r168", "64x64w4s2")],
 }
-if os.environ.get("PROBE_PAIRS"):
-    PAIRS = {D: pairs[: int(os.environ["PROBE_PAIRS"])] for D, pairs in PAIRS.items()}
-# PROBE_PAIR_SPECS="64:64x32w4s3r168/64x64w4s2,128:64x32w4s3/128x64w8s1" replaces the lists (a
-# head dim it leaves out is not timed).
-if os.environ.get("PROBE_PAIR_SPECS"):
-    PAIRS = {}
-    for item in os.environ["PROBE_PAIR_SPECS"].split(","):
+SHAPES = ((4, 12, 128), (4, 24, 64))  # (batch, heads, head dim) timed at T=8192
+
+
+def launch_fields(dq_spec: str, dkdv_spec: str) -> dict:
+    """'64x32w4s3' (optionally 'r168': a register cap) -> the dQ / dK/dV launch fields."""
+    out = {}
+    for prefix, spec in (("bwd_", dq_spec), ("bwd_dkdv_", dkdv_spec)):
+        tile, _, cap = spec.partition("r")
+        try:
+            m, rest = tile.split("x")
+            n, rest = rest.split("w")
+            warps, stages = rest.split("s")
+            out.update({f"{prefix}BLOCK_M": int(m), f"{prefix}BLOCK_N": int(n),
+                        f"{prefix}num_warps": int(warps), f"{prefix}num_stages": int(stages)})
+            if cap:
+                out[f"{prefix}maxnreg"] = int(cap)
+        except ValueError as exc:
+            raise ValueError(f"--pairs: {spec!r} is not a tile spec like 64x32w4s3 or 64x32w4s3r168") from exc
+    return out
+
+
+def parse_pairs(text: str) -> dict[int, list[tuple[str, str]]]:
+    """'64:DQ/DKDV,128:DQ/DKDV' -> {head_dim: [(dq, dkdv), ...]}; head dims left out are not timed."""
+    pairs: dict[int, list[tuple[str, str]]] = {}
+    for item in text.split(","):
         head_dim, _, pair = item.partition(":")
         dq, _, dkdv = pair.partition("/")
-        PAIRS.setdefault(int(head_dim), []).append((dq, dkdv))
-VARIANTS = {D: [(f"dq{dq} | dkdv{dkdv}", _pair(dq, dkdv)) for dq, dkdv in pairs] for D, pairs in PAIRS.items()}
-OUT_NAME = os.environ.get("PROBE_NAME", "bwd_probe")
+        if not head_dim.isdigit() or not dq or not dkdv:
+            raise ValueError(f"--pairs: {item!r} is not HEAD_DIM:DQ_SPEC/DKDV_SPEC")
+        pairs.setdefault(int(head_dim), []).append((dq, dkdv))
+    return pairs
 
 
-def main() -> None:
-    t0 = time.time()
-    table = []
-    for B, H, D in ((4, 12, 128), (4, 24, 64)):
-        if D not in VARIANTS:
-            continue
-        T = 8192
-        flops = 4 * B * H * T * T * D / 2
-        fa = time_fa2(B, H, T, D)
-        results[f"fa2_D{D}"] = fa
-        fa_fwd_ms = flops / fa["fwd"] / 1e9
-        fa_fb_ms = 3.5 * flops / fa["fwdbwd"] / 1e9
-        table.append((f"D{D} fa2", fa_fwd_ms, fa_fb_ms - fa_fwd_ms, 0.0, fa_fb_ms, 1.0, 1.0))
-        for name, cfg in VARIANTS[D]:
-            try:
-                ms = kernel_split(B, H, T, D, cfg)
-            except Exception as exc:  # a variant that fails is a row, not the end of the probe
-                table.append((f"D{D} {name}", 0, 0, 0, 0, 0, 0))
-                results.setdefault("errors", []).append((D, name, repr(exc)[:300]))
-                continue
-            fwd = sum(v for k, v in ms.items() if k.startswith("fwd"))
-            dq = sum(v for k, v in ms.items() if "dq" in k)
-            dkdv = sum(v for k, v in ms.items() if "dkdv" in k)
-            total = sum(ms.values())
-            results.setdefault("variants", []).append({"D": D, "name": name, "config": cfg, "kernel_ms": ms})
-            table.append((f"D{D} {name}", fwd, dq, dkdv, total, fa_fwd_ms / fwd, fa_fb_ms / total))
-            print(table[-1], flush=True)
-    print("timings done %.0fs" % (time.time() - t0), flush=True)
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    B, H, T, D = 4, 24, 16384, 64
-    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def fa2_ms(batch: int, heads: int, seqlen: int, head_dim: int) -> tuple[float, float]:
+    """FA2's forward and forward+backward medians (ms) on random bf16 inputs."""
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
-    m_fa = peak_mem(lambda: sdpa_flash(q, k, v).backward(do), (q, k, v))
-    mem = [("fa2", m_fa)]
+    return median_ms(lambda: sdpa_flash(q, k, v)), median_ms(lambda: sdpa_flash(q, k, v).backward(do))
 
-    def sb_fb():
-        o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(D), False, config=DEFAULT_CONFIG)
+
+def kernel_ms(batch: int, heads: int, seqlen: int, head_dim: int, config: dict) -> dict[str, float]:
+    """CUDA time (ms) per Triton kernel of one forward+backward, averaged over three runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make_inputs(Case(batch, heads, heads, seqlen, head_dim, "bfloat16"), "dense", device="cuda",
+                    requires_grad=True)
+    q, k, v = x["q"], x["k"], x["v"]
+    do = torch.randn_like(q)
+
+    def step():
+        o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(head_dim), False, config={**DEFAULT_CONFIG, **config})
         torch.autograd.backward((o, rem), (do, torch.ones_like(rem)))
 
-    q.grad = k.grad = v.grad = None  # FA2's gradients would otherwise be accumulated into, not allocated
+    step()  # compile outside the profiled runs
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    return {ev.key.replace("sb_", "").replace("_kernel", ""): round(ev.device_time_total / 3e3, 3)
+            for ev in prof.key_averages() if ev.device_type.name == "CUDA" and "sb_" in ev.key}
+
+
+def peak_mib(fn) -> float:
+    """Peak CUDA memory (MiB) that ``fn`` allocates above what exists before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def memory_at_16k(results: dict) -> list[tuple]:
+    batch, heads, seqlen, head_dim = 4, 24, 16384, 64
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    rows = [("fa2", peak_mib(lambda: sdpa_flash(q, k, v).backward(do)))]
+
+    def triton_fwdbwd():
+        o, rem = triton_sb_attn(q, k, v, 1 / math.sqrt(head_dim), False, config=DEFAULT_CONFIG)
+        torch.autograd.backward((o, rem), (do, torch.ones_like(rem)))
+
+    q.grad = k.grad = v.grad = None  # otherwise FA2's gradients are accumulated into, not allocated
     try:
-        m, ms = peak_mem(sb_fb, (q, k, v)), bench(sb_fb)
-    except Exception as exc:
-        m, ms = float("nan"), float("nan")
-        results.setdefault("errors", []).append(("mem", "default", repr(exc)[:300]))
-    mem.append(("default", m, ms))
-    results["mem16k_d64"] = mem
-    with open(os.path.join(OUT, OUT_NAME + ".json"), "w") as fh:
+        rows.append(("triton default", peak_mib(triton_fwdbwd)))
+    except Exception as exc:  # an out-of-memory default is a result, not the end of the probe
+        results.setdefault("errors", []).append(("mem16k_d64", repr(exc)[:300]))
+    results["mem16k_d64_mib"] = rows
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"), help="folder for the JSON")
+    parser.add_argument("--name", default="bwd_probe", help="JSON file name, without .json")
+    parser.add_argument("--pairs", help="HEAD_DIM:DQ_SPEC/DKDV_SPEC,... (default: the built-in list)")
+    parser.add_argument("--max-pairs", type=int, help="time only the first N pairs per head dim")
+    args = parser.parse_args(argv)
+    pairs = parse_pairs(args.pairs) if args.pairs else DEFAULT_PAIRS
+    if args.max_pairs:
+        pairs = {d: p[: args.max_pairs] for d, p in pairs.items()}
+
+    started = time.time()
+    results: dict = {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                     "torch": torch.__version__, "variants": []}
+    table = []
+    seqlen = 8192
+    for batch, heads, head_dim in SHAPES:
+        if head_dim not in pairs:
+            continue
+        fa_fwd, fa_fwdbwd = fa2_ms(batch, heads, seqlen, head_dim)
+        results[f"fa2_D{head_dim}_ms"] = {"fwd": fa_fwd, "fwdbwd": fa_fwdbwd}
+        table.append((f"D{head_dim} fa2", fa_fwd, fa_fwdbwd - fa_fwd, 0.0, fa_fwdbwd, 1.0, 1.0))
+        for dq_spec, dkdv_spec in pairs[head_dim]:
+            name = f"dq {dq_spec} | dkdv {dkdv_spec}"
+            config = launch_fields(dq_spec, dkdv_spec)
+            try:
+                ms = kernel_ms(batch, heads, seqlen, head_dim, config)
+            except Exception as exc:  # a variant that fails is a row, not the end of the probe
+                results.setdefault("errors", []).append((head_dim, name, repr(exc)[:300]))
+                continue
+            fwd = sum(t for kernel, t in ms.items() if kernel.startswith("fwd"))
+            dq = sum(t for kernel, t in ms.items() if "dq" in kernel)
+            dkdv = sum(t for kernel, t in ms.items() if "dkdv" in kernel)
+            total = sum(ms.values())
+            results["variants"].append({"head_dim": head_dim, "name": name, "config": config, "kernel_ms": ms})
+            table.append((f"D{head_dim} {name}", fwd, dq, dkdv, total, fa_fwd / fwd, fa_fwdbwd / total))
+            print(table[-1], flush=True)
+    memory = memory_at_16k(results)
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, args.name + ".json")
+    with open(path + ".tmp", "w") as fh:
         json.dump(results, fh, indent=1, default=str)
-    print("total %.0fs" % (time.time() - t0))
-    print(f"{'variant':34} {'fwd ms':>7} {'dQ ms':>7} {'dKdV ms':>8} {'f+b ms':>8} {'fwd/fa2':>8} {'f+b/fa2':>8}")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path} in {time.time() - started:.0f} s")
+    print(f"{'variant':40} {'fwd ms':>7} {'dQ ms':>7} {'dKdV ms':>8} {'f+b ms':>8} {'fa2/fwd':>8} {'fa2/f+b':>8}")
     for row in table:
-        print(f"{row[0]:34} {row[1]:7.3f} {row[2]:7.3f} {row[3]:8.3f} {row[4]:8.3f} {row[5]:8.3f} {row[6]:8.3f}")
-    for row in mem:
-        print("mem16k D64", *row, f"{row[1] / m_fa:.3f}x fa2")
+        print(f"{row[0]:40} {row[1]:7.3f} {row[2]:7.3f} {row[3]:8.3f} {row[4]:8.3f} {row[5]:8.3f} {row[6]:8.3f}")
+    for label, mib in memory:
+        print(f"peak memory T=16384 D=64 H=24 fwd+bwd, {label}: {mib:.1f} MiB ({mib / memory[0][1]:.3f}x fa2)")
     for err in results.get("errors", []):
         print("error", err)
 

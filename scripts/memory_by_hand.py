@@ -1,5 +1,10 @@
-"""Cross-check of `sbbench bench`'s peak-memory column: one row measured by hand with
-torch.cuda.max_memory_allocated, beside the row the harness reports for the same input."""
+"""Cross-check of `sbbench bench`'s peak-memory column (one GPU, a minute): forward+backward of
+triton and fa2 (B=4, H=12, D=128, bf16, dense, T=8192 and 16384) measured by hand with
+torch.cuda.max_memory_allocated, beside the figure the harness reports for the same input. The two
+should agree to within a few MiB; rerun it after changing how bench measures memory.
+
+    python scripts/memory_by_hand.py
+"""
 
 import math
 
@@ -31,9 +36,13 @@ def by_hand(backend: str, case: Case) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-if __name__ == "__main__":
+def main() -> None:
     for backend, seqlen in (("triton", 8192), ("fa2", 8192), ("triton", 16384), ("fa2", 16384)):
         case = Case(4, 12, 12, seqlen, 128, "bfloat16")
         hand = by_hand(backend, case)
         row = measure(backend, case, "fwdbwd", "dense", device="cuda")
         print(f"{backend:7} T={seqlen:6}  by hand {hand:8.1f} MiB   sbbench bench {row['peak_mem_mib']:8.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

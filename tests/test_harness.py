@@ -286,8 +286,8 @@ def test_sweep_file_json_and_yaml(tmp_path):
         sweeps_from_flags("bench", sweep_file=tmp_path / "bad.json", device="cpu")
 
 
-def test_shipped_h100_sweep():
-    path = REPO / "sbbench" / "sweeps" / "h100.json"
+def test_shipped_gate_sweep():
+    path = REPO / "sbbench" / "sweeps" / "gate.json"
     sweeps = sweeps_from_flags("bench", sweep_file=path, device="cuda")
     cases = cases_from_file(path, device="cuda")
     assert all(s.baseline == "fa2" and s.backends[0] == "fa2" for s in sweeps)
