@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Tuning a GPU that has no config file of its own, as a new user does, with the results kept:
+#
+#   OUT=DIR bash scripts/tune_new_gpu.sh STAGE [STAGE...]
+#
+#   tune64_cold   sbbench tune at D=64 (H=24), no other GPU's file present (tune_d64_cold.*)
+#   tune64_warm   the same, warm-started from the same-architecture files shipped (tune_d64_warm.*)
+#   tune128       sbbench tune at D=128 (H=12), warm-started (tune_d128.*)
+#   tune_gqa      sbbench tune at D=128, H=32, H_kv=8 (GQA group 4), warm-started (tune_gqa.*)
+#   bench_tuned   forward and forward+backward with the configs exported by the tune stages,
+#                 beside FA2 and cuDNN in the same run (bench_tuned.json)
+#   tpe_grid      TPE (no warm start) against the grid on a restricted backward space (tpe_grid.json)
+#
+# MINUTES (default 4) is each tune stage's budget. Each tune stage has its own storage and export
+# folder under $OUT; bench_tuned reads $OUT/configs_* in the order given by CONFIGS.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+export SBBENCH_GIT_COMMIT=${SBBENCH_GIT_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
+OUT=${OUT:-/tmp/out}
+MINUTES=${MINUTES:-4}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+
+tune() {  # name, then sbbench tune flags
+  local name=$1; shift
+  local store="sqlite:///$OUT/$name.db"
+  sbbench tune --backend triton --batch 4 --dtype bf16 --regime mixed --seqlens 4096,16384 --minutes "$MINUTES" \
+    --storage "$store" --json "$OUT/$name.json" --no-progress "$@" 2>&1 | tee "$OUT/$name.log" | tail -8
+  sbbench export --storage "$store" --out "$OUT/configs_$name" --min-speedup 1.02 2>&1 | tail -6
+}
+
+for stage in "$@"; do
+  case "$stage" in
+    tune64_cold) tune tune_d64_cold --heads 24 --head-dim 64 --no-warm-start ;;
+    tune64_warm) tune tune_d64_warm --heads 24 --head-dim 64 ;;
+    tune128) tune tune_d128 --heads 12 --head-dim 128 ;;
+    tune_gqa) tune tune_gqa --heads 32 --kv-heads 8 --head-dim 128 ;;
+    bench_tuned)
+      for dir in ${CONFIGS:-}; do export SBBENCH_CONFIG_DIR="${SBBENCH_CONFIG_DIR:+$SBBENCH_CONFIG_DIR:}$OUT/$dir"; done
+      echo "SBBENCH_CONFIG_DIR=${SBBENCH_CONFIG_DIR:-}"
+      sbbench bench --backends fa2,${EXTRA_BACKENDS:-}triton --mode fwd,fwdbwd --batch 4 --heads 24 --head-dim 64 \
+        --seqlens ${SEQLENS:-4096,16384} --dtype bf16 --regime dense --json "$OUT/bench_tuned_d64.json" 2>&1 | tail -12
+      sbbench bench --backends fa2,${EXTRA_BACKENDS:-}triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
+        --seqlens ${SEQLENS:-4096,16384} --dtype bf16 --regime dense --json "$OUT/bench_tuned_d128.json" 2>&1 | tail -12
+      ;;
+    tpe_grid)
+      space=(--space bwd_BLOCK_M=64,128 --space bwd_BLOCK_N=32,64 --space bwd_num_stages=2,3 --space bwd_maxnreg=0,168
+             --space bwd_dkdv_BLOCK_M=32,64 --space bwd_dkdv_BLOCK_N=64 --space bwd_dkdv_num_stages=1,2
+             --space bwd_dkdv_num_warps=4 --space bwd_num_warps=4 --space bwd_dkdv_maxnreg=0)
+      for sampler in grid tpe; do
+        sbbench tune --backend triton --pass bwd --batch 4 --heads 24 --head-dim 64 --seqlens 16384 --dtype bf16 \
+          --regime mixed --sampler $sampler --no-warm-start "${space[@]}" --storage "sqlite:///$OUT/tpe_grid.db" \
+          --json "$OUT/tpe_grid_$sampler.json" --no-progress 2>&1 | tee "$OUT/tpe_grid_$sampler.log" | tail -6
+      done
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
