@@ -372,3 +372,18 @@ def test_readme_loader_example_works_as_written(tmp_path):
     shipped = config_loader.read_config_file(config_loader.config_file(config_loader.SHIPPED_DIR, H100, "triton"))
     configs = [e["config"] for e in shipped["entries"]]
     assert results and all(r in configs for r in results), results
+
+
+def test_export_records_the_compute_capability_the_tuner_saw():
+    """``sbbench export`` takes the capability from the studies' environment (the newest study
+    that recorded one); without it, and without that GPU here, the field is left out."""
+    from sbbench.autotune.export import _capability_field
+    from sbbench.autotune.store import StoredStudy, TuneKey
+
+    key = TuneKey("NVIDIA H200", "triton", "fwd", "bfloat16", 64, 1, False, 4096)
+    old = StoredStudy("a", key, "tpe", {"created": "2026-01-01", "compute_capability": [8, 0]})
+    new = StoredStudy("b", key, "tpe", {"created": "2026-02-01", "compute_capability": [9, 0]})
+    unknown = StoredStudy("c", key, "grid", {"created": "2026-03-01"})
+    assert _capability_field("NVIDIA H200", [old, unknown, new]) == {"compute_capability": [9, 0]}
+    if not torch.cuda.is_available():
+        assert _capability_field("NVIDIA H200", [unknown]) == {}
