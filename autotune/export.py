@@ -134,6 +134,7 @@ def export_configs(
             "device": device,
             "backend": backend_name,
             **versions,
+            **_capability_field(device, kept),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "entries": [entries[k] for k in sorted(entries)],
         }
@@ -146,6 +147,23 @@ def export_configs(
     search = [p.resolve() for p in config_loader.config_search_path()]
     result.on_search_path = Path(out_dir).resolve() in search
     return result
+
+
+def _capability_field(device: str, studies: list[StoredStudy]) -> dict[str, Any]:
+    """``compute_capability`` as the studies recorded it (the tuner's environment), else from
+    this machine's GPU when it is that device; omitted when unknown (a CPU, or a storage
+    exported on another machine), and the file is then used only by its own device."""
+    for s in sorted(studies, key=lambda s: str(s.attrs.get("created", "")), reverse=True):
+        capability = s.attrs.get("compute_capability")
+        if isinstance(capability, (list, tuple)) and len(capability) == 2:
+            return {"compute_capability": [int(capability[0]), int(capability[1])]}
+    import torch
+
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            if torch.cuda.get_device_name(index) == device:
+                return {"compute_capability": list(torch.cuda.get_device_capability(index))}
+    return {}
 
 
 def _key_tuple(key: dict[str, Any]) -> tuple:
@@ -165,4 +183,11 @@ def _previous_entries(path: Path, triton_version: Any, result: ExportResult) -> 
     if data.get("triton_version") != triton_version:
         result.notes.append(f"{path}: made under triton {data.get('triton_version')}; its entries are replaced")
         return []
-    return [e for e in data["entries"] if isinstance(e, dict) and isinstance(e.get("key"), dict)]
+    kept = []
+    for index, entry in enumerate(data["entries"]):
+        problem = config_loader.entry_problem(entry)
+        if problem is None:
+            kept.append(entry)
+        else:
+            result.notes.append(f"{path}: entry {index} dropped: {problem}")
+    return kept

@@ -7,12 +7,14 @@ resumes it. What a study was tuned on (the case, the regime, the config space, t
 kept in its user attributes, so ``sbbench export`` needs nothing but the storage.
 
 Storage is any Optuna RDB URL: by default a SQLite file in the user's cache directory;
-a PostgreSQL URL lets tuners on several machines share studies (Optuna's distributed mode).
+a ``postgresql://`` URL lets tuners on several machines share studies (Optuna's distributed
+mode), through the driver the ``sbbench[postgres]`` extra installs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -65,12 +67,45 @@ def open_storage(url: str | None) -> Any:
         # Several threads (one per GPU) and other tuners on this host share the file: wait for
         # the lock instead of failing with "database is locked".
         engine_kwargs["connect_args"] = {"timeout": 120}
+    if url.split("://", 1)[0].split("+", 1)[0] in POSTGRES_SCHEMES:
+        url = postgres_url(url)
+        # Tuners on other machines hold connections for hours; one the server or a firewall
+        # dropped is replaced instead of failing a trial's write.
+        engine_kwargs["pool_pre_ping"] = True
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as exc:
         raise ValueError(f"--storage: the database driver for {url.split(':', 1)[0]} is not installed ({exc})") from exc
     except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
-        raise ValueError(f"--storage: cannot open {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        first_line = _hide_password(str(exc).splitlines()[0] if str(exc) else "")
+        raise ValueError(f"--storage: cannot open {_hide_password(url)}: {type(exc).__name__}: {first_line}") from exc
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+# SQLAlchemy dialect per driver module, in order of preference: psycopg 3 is what the
+# `sbbench[postgres]` extra installs; psycopg2 where a machine already has it.
+POSTGRES_DRIVERS = (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2"))
+
+
+def postgres_url(url: str) -> str:
+    """A ``postgresql://`` (or ``postgres://``) URL with the dialect of an installed driver;
+    a URL naming its driver (``postgresql+psycopg://``) is kept. Raises ``ValueError`` naming
+    ``--storage`` when the driver is not installed."""
+    import importlib.util
+
+    scheme, rest = url.split("://", 1)
+    _, _, named = scheme.partition("+")
+    wanted = [(m, d) for m, d in POSTGRES_DRIVERS if not named or d == scheme] or [(named, scheme)]
+    for module, dialect in wanted:
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}://{rest}"
+    drivers = " or ".join(m for m, _ in wanted)
+    raise ValueError(f"--storage: {_hide_password(url)} needs a PostgreSQL driver ({drivers}), which is not "
+                     "installed: pip install 'sbbench[postgres]'")
+
+
+def _hide_password(text: str) -> str:
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]*@", r"\1***@", text)
 
 
 @dataclass(frozen=True)

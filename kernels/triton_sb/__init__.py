@@ -104,6 +104,13 @@ def _config_list(config) -> list[int]:
     return config_to_list({**DEFAULT_CONFIG, **(config or {})})
 
 
+def _check_config(config) -> None:
+    """Raises ``ValueError`` for a config the kernels cannot launch (checks across parameters)."""
+    from sbbench.kernels.triton_sb.op import _check_launch, config_to_list
+
+    _check_launch(config_to_list({**DEFAULT_CONFIG, **config}))
+
+
 def triton_sb_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -147,7 +154,9 @@ register_backend(
     default_config=DEFAULT_CONFIG,
     availability=_availability,
     extra_check=_extra_check,
-    tuned_config=tuned_config_hook("triton", {p.name: p.pass_ for p in CONFIG_SPACE}),
+    # Tuned on GPUs only: timings in the CPU interpreter say nothing about a GPU.
+    tuned_config=tuned_config_hook("triton", {p.name: p.pass_ for p in CONFIG_SPACE},
+                                   validate=_check_config, tuned_devices=("cuda",)),
     skipped_fraction=_skipped_fraction,
     launch_filter=launch_filter,
 )(triton_sb_attn)

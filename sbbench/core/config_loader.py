@@ -8,16 +8,26 @@ File: one JSON per device and backend, ``<device>/<backend>.json`` under a confi
 where ``<device>`` is ``torch.cuda.get_device_name()`` with spaces as underscores::
 
     {"schema_version": 1, "device": "NVIDIA H100 80GB HBM3", "backend": "triton",
+     "compute_capability": [9, 0],
      "triton_version": "3.6.0", "torch_version": "2.11.0+cu130", "created": "...",
      "entries": [{"key": {"pass": "fwd", "dtype": "bfloat16", "head_dim": 128,
                           "gqa_group": 1, "attend_current": false, "seqlen_bucket": 4096},
                   "config": {...}, "latency_ms": 1.23, "default_latency_ms": 1.40,
                   "speedup_over_default": 1.14}]}
 
-Lookup: the entry with the same pass, dtype, head dim, GQA group and attend_current and the
+Which file: the device's own file, from the first directory of the search path that has one.
+A device without its own file, when the caller gives its compute capability, uses the file of
+the nearest device with the same capability (same architecture: the H100's configs suit an
+H200 far better than the defaults). Nearest: the longest common prefix of the two device names
+(as file-name stems, ignoring case), then name order. Otherwise the caller uses its default
+config. Each of these fallbacks warns once, naming the file used.
+
+Which entry: the one with the same pass, dtype, head dim, GQA group and attend_current and the
 nearest sequence-length bucket (in log2 distance; ties go to the larger bucket, whose launch
-grid is closer to saturating the GPU). When nothing matches the caller falls back to its default
-config; both the fallback and a config made under another Triton version warn once.
+grid is closer to saturating the GPU). A malformed entry (not an object, a key field missing
+or of the wrong type, a config that is not an object of numbers and strings) is skipped with one
+warning naming the file and the entry; so is an entry whose config the caller's ``validate``
+rejects. A file made under another Triton version warns once.
 """
 
 from __future__ import annotations
@@ -27,21 +37,37 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 SCHEMA_VERSION = 1
 ENV_VAR = "SBBENCH_CONFIG_DIR"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
+PASSES = ("fwd", "bwd")
+# The fields of an entry's key and their JSON types.
+KEY_FIELDS: dict[str, type] = {
+    "pass": str,
+    "dtype": str,
+    "head_dim": int,
+    "gqa_group": int,
+    "attend_current": bool,
+    "seqlen_bucket": int,
+}
+
+
+class ConfigWarning(UserWarning):
+    """A tuned-config file is missing, malformed, or from elsewhere; the lookup went on without it."""
+
 
 _warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
-    """Warn with ``message`` the first time it is seen in this process."""
+    """Warn with ``message`` (a :class:`ConfigWarning`) the first time it is seen in this process."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, ConfigWarning, stacklevel=3)
 
 
 def device_file_stem(device_name: str) -> str:
@@ -67,10 +93,12 @@ def config_file(directory: Path, device_name: str, backend: str) -> Path:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse and check one config file; raises ``ValueError`` naming the file when unusable."""
+    """Parse one config file and check its frame (schema version, an entries list); raises
+    ``ValueError`` naming the file when unusable. Entries are returned as they are in the file:
+    :func:`entry_problem` says which of them are usable."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable config file ({exc})") from exc
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: expected schema_version {SCHEMA_VERSION}")
@@ -79,22 +107,194 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_tuned_configs(
-    device_name: str, backend: str, search_path: Iterable[Path] | None = None
-) -> tuple[dict[str, Any], Path] | None:
-    """The first config file for (device, backend) on the search path, with its path."""
-    for directory in search_path if search_path is not None else config_search_path():
-        path = config_file(directory, device_name, backend)
-        if path.is_file():
-            try:
-                return read_config_file(path), path
-            except ValueError as exc:
-                warn_once(f"sbbench: ignoring tuned configs: {exc}")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def entry_problem(entry: Any) -> str | None:
+    """Why a file entry cannot be used, or None when it is well formed."""
+    if not isinstance(entry, dict):
+        return f"not an object but {type(entry).__name__}"
+    key = entry.get("key")
+    if not isinstance(key, dict):
+        return "no 'key' object"
+    for name, kind in KEY_FIELDS.items():
+        if name not in key:
+            return f"key.{name} missing"
+        value = key[name]
+        if kind is int:
+            ok = _is_int(value) and value > 0
+            wanted = "a positive integer"
+        elif kind is bool:
+            ok = isinstance(value, bool)
+            wanted = "true or false"
+        else:
+            ok = isinstance(value, str) and bool(value)
+            wanted = "a string"
+        if not ok:
+            return f"key.{name} is {json.dumps(value)}, expected {wanted}"
+    if key["pass"] not in PASSES:
+        return f"key.pass is {json.dumps(key['pass'])}, expected one of {', '.join(PASSES)}"
+    config = entry.get("config")
+    if not isinstance(config, dict):
+        return "no 'config' object"
+    for name, value in config.items():
+        if not isinstance(value, (int, float, str)) or (isinstance(value, float) and not math.isfinite(value)):
+            return f"config.{name} is {json.dumps(value)}, expected a number or a string"
     return None
 
 
-def _same_key(entry_key: dict[str, Any], key: dict[str, Any]) -> bool:
-    return all(entry_key.get(name) == value for name, value in key.items() if name != "seqlen_bucket")
+def _entry_label(path: Path, index: int, entry: Any) -> str:
+    key = entry.get("key") if isinstance(entry, dict) else None
+    return f"{path}: entry {index}" + (f" (key {json.dumps(key, sort_keys=True)})" if isinstance(key, dict) else "")
+
+
+def _capability_of(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value):
+        return (value[0], value[1])
+    return None
+
+
+@dataclass(frozen=True)
+class TunedFile:
+    """One usable config file: its path, its fields, and its well-formed entries (with their
+    indices in the file, for messages)."""
+
+    path: Path
+    data: dict[str, Any]
+    entries: tuple[tuple[int, dict[str, Any]], ...]
+    device: str
+    compute_capability: tuple[int, int] | None
+
+
+# Parsed files by path, with the (mtime, size) they were parsed at: a lookup per call stays cheap
+# and a file rewritten by `sbbench export` is read again.
+_parsed: dict[Path, tuple[tuple[int, int], TunedFile | None]] = {}
+
+
+def load_file(path: Path) -> TunedFile | None:
+    """The usable part of one config file, or None (with a warning) when the file is unusable.
+    Each malformed entry is left out with one warning naming the file and the entry."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        data = read_config_file(path)
+    except ValueError as exc:
+        warn_once(f"sbbench: ignoring tuned configs: {exc}")
+        _parsed[path] = (stamp, None)
+        return None
+    entries = []
+    for index, entry in enumerate(data["entries"]):
+        problem = entry_problem(entry)
+        if problem is None:
+            entries.append((index, entry))
+        else:
+            warn_once(f"sbbench: {_entry_label(path, index, entry)} skipped: {problem}")
+    capability = _capability_of(data.get("compute_capability"))
+    if capability is None and data.get("compute_capability") is not None:
+        warn_once(f"sbbench: {path}: compute_capability is {json.dumps(data['compute_capability'])}, "
+                  "expected [major, minor]; ignored")
+    device = data.get("device") if isinstance(data.get("device"), str) else path.parent.name
+    tuned = TunedFile(path, data, tuple(entries), device, capability)
+    _parsed[path] = (stamp, tuned)
+    return tuned
+
+
+def _search(search_path: Iterable[Path] | None) -> list[Path]:
+    return [Path(p) for p in (search_path if search_path is not None else config_search_path())]
+
+
+def _own_file(device_name: str, backend: str, search_path: list[Path]) -> TunedFile | None:
+    for directory in search_path:
+        path = config_file(directory, device_name, backend)
+        if path.is_file():
+            tuned = load_file(path)
+            if tuned is not None:
+                return tuned
+    return None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a.lower(), b.lower()]))
+
+
+def _check_capability(compute_capability: Any) -> tuple[int, int] | None:
+    if compute_capability is None:
+        return None
+    capability = _capability_of(compute_capability)
+    if capability is None:
+        raise ValueError(f"compute_capability: expected (major, minor) as two ints, got {compute_capability!r}")
+    return capability
+
+
+def same_architecture_files(
+    device_name: str,
+    backend: str,
+    compute_capability: tuple[int, int],
+    search_path: Iterable[Path] | None = None,
+) -> list[TunedFile]:
+    """The usable files for ``backend`` of the other devices with this compute capability,
+    nearest device first (longest common name prefix, then name). A device's file is taken
+    from the first directory of the search path that has one, as for the device itself."""
+    capability = _check_capability(compute_capability)
+    own = device_file_stem(device_name)
+    seen = {own}
+    found = []
+    for directory in _search(search_path):
+        try:
+            subdirs = sorted(p for p in Path(directory).iterdir() if p.is_dir())
+        except OSError:
+            continue
+        for subdir in subdirs:
+            path = subdir / f"{backend}.json"
+            if subdir.name in seen or not path.is_file():
+                continue
+            tuned = load_file(path)
+            if tuned is None:
+                continue
+            seen.add(subdir.name)
+            if tuned.compute_capability == capability:
+                found.append(tuned)
+    return sorted(found, key=lambda f: (-_common_prefix(f.path.parent.name, own), f.path.parent.name))
+
+
+def load_tuned_configs(
+    device_name: str, backend: str, search_path: Iterable[Path] | None = None
+) -> tuple[dict[str, Any], Path] | None:
+    """The device's own config file for ``backend`` on the search path, with its path (its
+    entries: the well-formed ones)."""
+    tuned = _own_file(device_name, backend, _search(search_path))
+    if tuned is None:
+        return None
+    return {**tuned.data, "entries": [entry for _, entry in tuned.entries]}, tuned.path
+
+
+def _nearest_entry(
+    tuned: TunedFile,
+    key: dict[str, Any],
+    seqlen: int,
+    validate: Callable[[dict[str, Any]], str | None] | None,
+) -> dict[str, Any] | None:
+    matching = [(i, e) for i, e in tuned.entries if all(e["key"][name] == value for name, value in key.items())]
+    target = math.log2(seqlen_bucket(seqlen))
+    matching.sort(key=lambda ie: (abs(math.log2(ie[1]["key"]["seqlen_bucket"]) - target), -ie[1]["key"]["seqlen_bucket"]))
+    for index, entry in matching:
+        problem = validate(dict(entry["config"])) if validate is not None else None
+        if problem is None:
+            return dict(entry["config"])
+        warn_once(f"sbbench: {_entry_label(tuned.path, index, entry)} skipped: {problem}")
+    return None
+
+
+def _lookup_key(pass_: str, dtype: str, head_dim: int, gqa_group: int, attend_current: bool) -> dict[str, Any]:
+    return {"pass": pass_, "dtype": dtype, "head_dim": head_dim, "gqa_group": gqa_group, "attend_current": attend_current}
 
 
 def lookup_config(
@@ -108,40 +308,72 @@ def lookup_config(
     attend_current: bool,
     seqlen: int,
     triton_version: str | None = None,
+    compute_capability: tuple[int, int] | None = None,
     search_path: Iterable[Path] | None = None,
+    validate: Callable[[dict[str, Any]], str | None] | None = None,
+    warn_default: bool = True,
 ) -> dict[str, Any] | None:
-    """The tuned config nearest to this key, or None (the caller then uses its default)."""
-    key = {
-        "pass": pass_,
-        "dtype": dtype,
-        "head_dim": head_dim,
-        "gqa_group": gqa_group,
-        "attend_current": attend_current,
-    }
-    found = load_tuned_configs(device_name, backend, search_path)
+    """The tuned config nearest to this key, or None (the caller then uses its default).
+
+    ``compute_capability`` (``(major, minor)``) lets a device without its own file use the file
+    of the nearest device of the same capability. ``validate(config)`` returns why the caller
+    cannot use a config (or None); such entries are skipped with a warning naming the file.
+    ``warn_default=False`` falls back to the default silently where tuning does not apply.
+    """
+    capability = _check_capability(compute_capability)
+    search = _search(search_path)
+    tuned = _own_file(device_name, backend, search)
+    if tuned is None and capability is not None:
+        nearest = same_architecture_files(device_name, backend, capability, search)
+        if nearest:
+            tuned = nearest[0]
+            warn_once(f"sbbench: no tuned {backend} configs for {device_name}; using those of {tuned.device} "
+                      f"(same compute capability {capability[0]}.{capability[1]}): {tuned.path}")
+    if tuned is None:
+        if warn_default:
+            warn_once(f"sbbench: no tuned {backend} configs for {device_name}; using defaults")
+        return None
+    key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current)
+    found = _nearest_entry(tuned, key, seqlen, validate)
     if found is None:
-        warn_once(f"sbbench: no tuned {backend} configs for {device_name}; using the default config")
+        if warn_default:
+            ac = " attend_current" if attend_current else ""
+            warn_once(f"sbbench: no tuned {backend} config for {pass_} {dtype} D{head_dim} g{gqa_group}{ac} "
+                      f"in {tuned.path}; using defaults")
         return None
-    entries = [e for e in found[0]["entries"] if _same_key(e.get("key", {}), key)]
-    if not entries:
-        warn_once(
-            f"sbbench: no tuned {backend} config for {device_name} {key} in {found[1]}; "
-            "using the default config"
-        )
-        return None
-    data, path = found
-    made_with = data.get("triton_version")
+    made_with = tuned.data.get("triton_version")
     if triton_version and made_with and made_with != triton_version:
         warn_once(
-            f"sbbench: {path} was tuned under Triton {made_with}, running Triton {triton_version}; "
+            f"sbbench: {tuned.path} was tuned under Triton {made_with}, running Triton {triton_version}; "
             "its configs may be slower here (re-run `sbbench tune`)"
         )
-    target = math.log2(seqlen_bucket(seqlen))
-    best = min(
-        entries,
-        key=lambda e: (abs(math.log2(e["key"]["seqlen_bucket"]) - target), -e["key"]["seqlen_bucket"]),
-    )
-    return dict(best["config"])
+    return found
+
+
+def same_architecture_configs(
+    device_name: str,
+    backend: str,
+    compute_capability: tuple[int, int],
+    *,
+    pass_: str,
+    dtype: str,
+    head_dim: int,
+    gqa_group: int,
+    attend_current: bool,
+    seqlen: int,
+    search_path: Iterable[Path] | None = None,
+    validate: Callable[[dict[str, Any]], str | None] | None = None,
+) -> list[tuple[dict[str, Any], Path]]:
+    """The nearest-bucket config of this key from every file of the same compute capability
+    other than the device's own, nearest device first, each with its file; empty when none
+    (a tuner's warm start: configs that won on a sibling GPU are worth trying first)."""
+    key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current)
+    found = []
+    for tuned in same_architecture_files(device_name, backend, compute_capability, search_path):
+        config = _nearest_entry(tuned, key, seqlen, validate)
+        if config is not None:
+            found.append((config, tuned.path))
+    return found
 
 
 def write_config_file(path: Path, data: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ SCHEMA_VERSION = 1
 # Columns every row has (None where they do not apply). Metric columns are listed so that
 # tables and the gate agree on names; commands may add more metric columns.
 IDENTITY_COLUMNS = (
-    "command", "device", "torch_version", "triton_version", "sbbench_version", "git_commit",
+    "command", "device", "compute_capability", "torch_version", "triton_version", "sbbench_version", "git_commit",
     "backend", "implementation", "config", "comparator",
     "batch", "heads", "kv_heads", "seqlen", "head_dim", "dtype", "attend_current", "varlen",
     "mode", "regime",
@@ -102,9 +102,21 @@ def _versions() -> dict[str, str | None]:
     }
 
 
+def compute_capability(device: Any = None) -> list[int] | None:
+    """``[major, minor]`` of a CUDA device (what tuned configs transfer between), None otherwise."""
+    import torch
+
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if device.type != "cuda":
+        return None
+    return list(torch.cuda.get_device_capability(device))
+
+
 def environment(device: Any = None) -> dict[str, Any]:
     """The environment columns of a row measured on ``device``."""
-    return {"device": device_name(device), **_versions()}
+    return {"device": device_name(device), "compute_capability": compute_capability(device), **_versions()}
 
 
 def make_row(**fields: Any) -> dict[str, Any]:

@@ -1,14 +1,39 @@
-"""Filling ``config=None`` from tuned config files: the glue between a problem and the loader."""
+"""Filling ``config=None`` from tuned config files: the glue between a problem and the loader.
+
+Values read from a file are checked against the backend's config space (each parameter one of
+its ``Param`` choices) and by the backend's own validator where it has one; an entry that fails
+is skipped with a warning naming the file, so a bad file never surfaces as an error blaming
+the caller's ``config`` argument. The loader's warnings are :class:`ConfigWarning`\\ s, shown as
+their one-line message without the source line that raised them.
+"""
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 
 from sbbench.core import config_loader
+from sbbench.core.config_loader import ConfigWarning
 from sbbench.core.problem import AttnProblem
+
+# Per backend name: the validator its hook was given and the device types where it is tuned.
+_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
+_TUNED_DEVICES: dict[str, tuple[str, ...] | None] = {}
+
+
+def _format_warning(message, category, filename, lineno, line=None, _format=warnings.formatwarning):
+    # The message says all a user needs (what is missing or skipped, and which file); the line
+    # of sbbench that raised it says nothing to them.
+    if isinstance(category, type) and issubclass(category, ConfigWarning):
+        return f"{message}\n"
+    return _format(message, category, filename, lineno, line)
+
+
+if getattr(warnings.formatwarning, "__name__", "") != _format_warning.__name__:
+    warnings.formatwarning = _format_warning
 
 
 def config_key(problem: AttnProblem, pass_: str) -> dict[str, Any]:
@@ -23,9 +48,24 @@ def config_key(problem: AttnProblem, pass_: str) -> dict[str, Any]:
     }
 
 
-def tuned_config_hook(backend: str, param_passes: Mapping[str, str]) -> Callable[[AttnProblem], dict[str, Any]]:
+def tuned_config_hook(
+    backend: str,
+    param_passes: Mapping[str, str],
+    *,
+    validate: Callable[[Mapping[str, Any]], None] | None = None,
+    tuned_devices: tuple[str, ...] | None = None,
+) -> Callable[[AttnProblem], dict[str, Any]]:
     """A ``Backend.tuned_config`` hook: the forward parameters from the fwd entry, the backward
-    parameters from the bwd entry, each by nearest key; empty when nothing was tuned."""
+    parameters from the bwd entry, each by nearest key; empty when nothing was tuned.
+
+    ``validate(config)`` raises ``ValueError`` for a config the backend cannot launch (checks
+    across parameters that the config space's choices cannot express). ``tuned_devices``: the
+    device types where tuning applies (default: all); elsewhere a missing file is not worth a
+    warning (a kernel run in an interpreter has nothing to tune).
+    """
+    if validate is not None:
+        _VALIDATORS[backend] = validate
+    _TUNED_DEVICES[backend] = tuple(tuned_devices) if tuned_devices is not None else None
 
     def lookup(problem: AttnProblem) -> dict[str, Any]:
         found = _lookup(
@@ -38,6 +78,28 @@ def tuned_config_hook(backend: str, param_passes: Mapping[str, str]) -> Callable
         return dict(found)
 
     return lookup
+
+
+def file_config_problem(backend_name: str, config: Mapping[str, Any]) -> str | None:
+    """Why ``backend_name`` cannot run ``config`` read from a file, or None: every parameter
+    must be in the backend's config space and one of its choices (type included: 64.0 is not
+    64), and the backend's validator must accept it."""
+    from sbbench.core.registry import get_backend
+
+    backend = get_backend(backend_name)
+    choices = {p.name: p.choices for p in backend.config_space}
+    for name, value in config.items():
+        if name not in choices:
+            return f"{backend_name} has no parameter {name!r} (its parameters: {', '.join(choices)})"
+        if not any(value == c and type(value) is type(c) for c in choices[name]):
+            return f"{name}={value!r} is not one of {backend_name}'s choices {list(choices[name])}"
+    validate = _VALIDATORS.get(backend_name)
+    if validate is not None:
+        try:
+            validate(config)
+        except (TypeError, ValueError) as exc:
+            return str(exc).removeprefix("config: ")
+    return None
 
 
 @torch.compiler.assume_constant_result
@@ -59,7 +121,9 @@ def _lookup_cached(backend, device_type, key_items, seqlen, param_passes_items) 
 
     device = torch.device("cuda") if device_type == "cuda" else torch.device("cpu")
     name = device_name(device)
-    triton_version = environment(device)["triton_version"]
+    env = environment(device)
+    triton_version, capability = env["triton_version"], env["compute_capability"]
+    tuned_devices = _TUNED_DEVICES.get(backend)
     key = dict(key_items)
     param_passes = dict(param_passes_items)
     merged: dict[str, Any] = {}
@@ -74,6 +138,9 @@ def _lookup_cached(backend, device_type, key_items, seqlen, param_passes_items) 
             attend_current=key["attend_current"],
             seqlen=seqlen,
             triton_version=triton_version,
+            compute_capability=capability,
+            validate=functools.partial(file_config_problem, backend),
+            warn_default=tuned_devices is None or device_type in tuned_devices,
         )
         if found:
             merged.update({k: v for k, v in found.items() if param_passes.get(k) == pass_})
