@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sbbench.autotune import sampler as sampling
 from sbbench.autotune.memory import UnlaunchableConfigs
-from sbbench.autotune.plan import Plan, TuneSettings
+from sbbench.autotune.plan import CHECK_REGIMES, Plan, TuneSettings
 from sbbench.autotune.studies import frozen, jsonable, mark_interrupted, set_trial_attrs
 from sbbench.autotune.summary import default_trial, real_trials, trial_row
 from sbbench.autotune.worker import TrialOutcome, Worker, is_resource_error
@@ -264,6 +264,7 @@ class StudyRun:
         best = sampling.best_checked_latency(self.study.get_trials(deepcopy=False))
         task.update(
             check_case=asdict(self.plan.check_case) if self.plan.check_case else None,
+            check_regimes=list(dict.fromkeys([self.settings.regime, *CHECK_REGIMES])),
             measure_kwargs=dict(self.settings.measure_kwargs),
             check_kwargs=dict(self.settings.check_kwargs),
             check_below_ms=best,

@@ -192,22 +192,59 @@ def is_unchecked(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get("checked") is False
 
 
+def neighbours(space: Space, params: Mapping[str, Any], changes: int) -> list[dict[str, Any]]:
+    """Configs that differ from ``params`` in ``changes`` parameters, each moved to a choice
+    next to its own (choices are declared in order: tiles, warps, stages ascending)."""
+    steps: dict[str, list[Any]] = {}
+    for name, choices in space.items():
+        if params.get(name) in choices:
+            i = choices.index(params[name])
+            steps[name] = [choices[j] for j in (i - 1, i + 1) if 0 <= j < len(choices)]
+    found = []
+    for names in itertools.combinations(sorted(steps), changes):
+        for values in itertools.product(*(steps[n] for n in names)):
+            moved = dict(params)
+            moved.update(zip(names, values))
+            found.append(moved)
+    return found
+
+
 class DedupSampler(BaseSampler):
     """Proposes only configs the study has not tried, running or queued.
 
     ``inner`` is the model (TPE) or None for the exhaustive grid. Every parameter is sampled
     jointly through ``sample_relative`` over the whole space (it is known up front), so a
     complete proposal can be checked against the study before the trial starts.
+
+    With a model, once ``local_after`` trials have finished every other proposal is a local
+    move instead: the best config so far with one parameter (else two) moved to a neighbouring
+    choice. Launch parameters interact little beyond their neighbours, so refining the
+    incumbent finds in a few trials what TPE's density model, spread over a space of tens of
+    thousands of configs, takes many to find.
     """
 
     def __init__(self, space: Space, inner: BaseSampler | None, seed: int | None = None, retries: int = 16,
-                 cells: Cells | None = None) -> None:
+                 cells: Cells | None = None, local_after: int | None = None) -> None:
         self._space = dict(space)
         self._cells = cells if cells is not None else Cells(space)
         self._dists = distributions(space)
         self._inner = inner
         self._rng = random.Random(seed)
         self._retries = retries
+        self._local_after = local_after
+
+    def _local_move(self, trials: Sequence[FrozenTrial], taken: set[ParamsKey]) -> dict[str, Any] | None:
+        best = best_checked_latency(trials)
+        incumbent = next((t for t in trials if t.state == TrialState.COMPLETE and t.value == best), None)
+        if incumbent is None:
+            return None
+        for changes in (1, 2):
+            moves = neighbours(self._space, trial_params(incumbent), changes)
+            self._rng.shuffle(moves)
+            for move in moves:
+                if params_key(self._space, move) not in taken and self._cells.allows(move):
+                    return move
+        return None
 
     @property
     def inner(self) -> BaseSampler | None:
@@ -221,8 +258,14 @@ class DedupSampler(BaseSampler):
     ) -> dict[str, Any]:
         if "fixed_params" in trial.system_attrs:
             return {}  # an enqueued trial (the default config): its params are given
-        taken = taken_keys(self._space, study.get_trials(deepcopy=False), exclude_number=trial.number)
+        trials = study.get_trials(deepcopy=False)
+        taken = taken_keys(self._space, trials, exclude_number=trial.number)
         if self._inner is not None:
+            finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+            if self._local_after is not None and finished >= self._local_after and trial.number % 2 == 0:
+                move = self._local_move(trials, taken)
+                if move is not None:
+                    return move
             for _ in range(self._retries):
                 proposal = self._inner.sample_relative(study, trial, search_space)
                 if set(proposal) != set(self._space):
@@ -259,7 +302,8 @@ class DedupSampler(BaseSampler):
 
 
 def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10, cells: Cells | None = None) -> DedupSampler:
-    """``tpe``: multivariate TPE that treats trials outside the numerics budget as infeasible;
+    """``tpe``: multivariate TPE that treats trials outside the numerics budget as infeasible,
+    alternating with local moves around the best config once ``startup_trials`` have finished;
     ``grid``: every cell once, in random order. Both propose only ``cells`` (default: all)."""
     if kind == "grid":
         return DedupSampler(space, None, seed=seed, cells=cells)
@@ -273,5 +317,5 @@ def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10, c
         tpe = optuna.samplers.TPESampler(
             multivariate=True, constraints_func=constraint_of, seed=seed, n_startup_trials=startup_trials
         )
-    return DedupSampler(space, tpe, seed=seed, cells=cells)
+    return DedupSampler(space, tpe, seed=seed, cells=cells, local_after=startup_trials)
 

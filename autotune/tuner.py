@@ -288,7 +288,13 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
         reporter.message(f"{plan.study_name}: {reaped} trial(s) of a stopped tuner marked interrupted; "
                          "their configs will be retried")
     enqueue_start(study, plan)
-    trial_budget = settings.n_trials or (DEFAULT_TPE_TRIALS if plan.sampler == "tpe" else cells.size)
+    # A time budget alone lets a study run as many trials as its share of the time allows.
+    if settings.n_trials is not None:
+        trial_budget = settings.n_trials
+    elif plan.sampler == "grid" or budget_s is not None:
+        trial_budget = cells.size
+    else:
+        trial_budget = DEFAULT_TPE_TRIALS
     begun = time.monotonic()
     study_deadline = None if budget_s is None else begun + budget_s
     trials = study.get_trials(deepcopy=False)

@@ -11,6 +11,7 @@
 #                 beside FA2 and cuDNN in the same run (bench_tuned.json)
 #   tpe_grid      TPE (no warm start) against the grid on a restricted backward space (tpe_grid.json)
 #
+# With two GPUs, run two of these at once, one per GPU (CUDA_VISIBLE_DEVICES), after installing once.
 # MINUTES (default 4) is each tune stage's budget. Each tune stage has its own storage and export
 # folder under $OUT; bench_tuned reads $OUT/configs_* in the order given by CONFIGS.
 set -uo pipefail
@@ -19,10 +20,13 @@ export SBBENCH_GIT_COMMIT=${SBBENCH_GIT_COMMIT:-$(cat .commit 2>/dev/null || ech
 OUT=${OUT:-/tmp/out}
 MINUTES=${MINUTES:-4}
 mkdir -p "$OUT"
+# SBBENCH_INSTALLED=1: a caller running several of these at once (one per GPU) installed already.
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  [ -n "${SBBENCH_INSTALLED:-}" ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+[ -n "${SBBENCH_INSTALLED:-}" ] || python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || { echo "install failed"; exit 1; }
 
 tune() {  # name, then sbbench tune flags
   local name=$1; shift

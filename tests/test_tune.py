@@ -22,6 +22,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -628,3 +630,43 @@ def test_the_triton_launch_filter_rejects_configs_that_cannot_win():
     for entry in shipped["entries"]:
         config = {**backend.default_config, **entry["config"]}
         assert backend.launch_filter(problem(entry["key"]["head_dim"]), config, {}) is None, entry["config"]
+
+
+@given(st.data())
+@settings(max_examples=40, deadline=None)
+def test_neighbours_move_the_given_number_of_parameters_one_choice_each(data):
+    from sbbench.autotune.sampler import neighbours
+
+    space = {f"p{i}": tuple(range(data.draw(st.integers(1, 4)))) for i in range(data.draw(st.integers(1, 4)))}
+    params = {name: data.draw(st.sampled_from(choices)) for name, choices in space.items()}
+    changes = data.draw(st.integers(1, 2))
+    moves = neighbours(space, params, changes)
+    assert len({tuple(sorted(m.items())) for m in moves}) == len(moves)
+    for move in moves:
+        moved = [n for n in space if move[n] != params[n]]
+        assert len(moved) == changes
+        assert all(abs(space[n].index(move[n]) - space[n].index(params[n])) == 1 for n in moved)
+    # Every single-parameter step that exists is offered.
+    if changes == 1:
+        assert len(moves) == sum((space[n].index(params[n]) > 0) + (space[n].index(params[n]) < len(space[n]) - 1)
+                                 for n in space)
+
+
+def test_tpe_alternates_with_local_moves_around_the_best_config(tmp_path):
+    from sbbench.autotune import sampler as sampling
+
+    space = {"a": tuple(range(10)), "b": tuple(range(10))}
+    study = optuna.create_study(sampler=sampling.make_sampler("tpe", space, seed=3, startup_trials=4))
+    dists = sampling.distributions(space)
+    for _ in range(24):
+        trial = study.ask(fixed_distributions=dists)
+        study.tell(trial, (trial.params["a"] - 7) ** 2 + (trial.params["b"] - 2) ** 2 + 1.0)
+    best = study.best_trial.params
+    assert study.best_value <= 2.0, best  # local moves walk to the optimum (7, 2) within a few trials
+    trials = study.get_trials()
+    for t in trials[5:]:
+        if t.number % 2 == 0:  # a local move: one step from the best config when it was asked
+            earlier = [u for u in trials if u.number < t.number]
+            inc = min(earlier, key=lambda u: u.value).params
+            steps = sorted(abs(t.params[n] - inc[n]) for n in space)
+            assert steps in ([0, 1], [1, 1]), (t.number, t.params, inc)

@@ -269,7 +269,8 @@ def tune_command(
     seqlens: SeqlensOpt = None,
     dtype: DtypeOpt = None,
     regime: Annotated[Optional[str], typer.Option(
-        "--regime", help="Input regime the trials are timed on: dense, randn, mixed (default) or peaked.",
+        "--regime", help="Input regime the trials are timed on: dense (default: nothing skipped, the worst "
+        "case), randn, mixed or peaked. Numerics are checked on mixed too.",
         show_default=False)] = None,
     attend_current: AttendCurrentOpt = None,
     sweep: SweepFileOpt = None,
@@ -337,7 +338,7 @@ def tune_command(
     try:
         sweeps = sweeps_from_flags(
             "tune", sweep_file=sweep, device=device, backends=backend, batch=batch, heads=heads, kv_heads=kv_heads,
-            head_dim=head_dim, seqlens=seqlens, dtype=dtype, regime=regime if regime is not None else "mixed",
+            head_dim=head_dim, seqlens=seqlens, dtype=dtype, regime=regime if regime is not None else "dense",
             attend_current=attend_current,
         )
     except (ValueError, TypeError) as exc:
