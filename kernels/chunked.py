@@ -17,7 +17,7 @@ rem_i = exp(-sum_l sp_il))::
 
 The backward walks each row's key chunks from the LEFT, so P is a plain running sum. (Walking
 from the diagonal gives P as <do, o> minus a suffix, which cancels catastrophically once the
-stick is used up: float32 gradients then miss the budget by 10x.) The log-stick right of a chunk
+stick is used up, far beyond float32's budget.) The log-stick right of a chunk
 is the forward's total minus the running sum from the left, both in float64 per row, so that
 difference is exact; inside a chunk the weights use the chunk's own sums, as the forward does.
 
@@ -49,11 +49,10 @@ CONFIG_SPACE = (
 # Every block costs ~20 PyTorch ops whatever its size, so a block must be large enough that
 # dispatch (several us per op on CPU, a kernel launch on GPU) is small beside its own work, and
 # small enough that its few temporaries (B * H * block_q * block_k floats each) stay near cache on
-# CPU and the diagonal block's masked half wastes little. On CPU (D = 64, T = 2048..8192) forward
-# and backward times were flat from 128 to 512 and 64 x 64 was ~1.5x slower at T = 4096 (per-op
-# overhead); 128 x 256 sits in the flat part with the smaller temporaries. On GPU the same block
-# gives B * H * 32k scores per launch, enough work per kernel to hide launch latency at benchmark
-# batch * heads (a tuned config overrides it per device).
+# CPU and the diagonal block's masked half wastes little. On CPU the time is flat from 128 to 512
+# and grows below that (per-op overhead); 128 x 256 sits in the flat part with the smaller
+# temporaries. On GPU the same block gives B * H * 32k scores per launch, enough work per kernel
+# to hide launch latency at benchmark batch * heads (a tuned config overrides it per device).
 DEFAULT_CONFIG = {"fwd_block_q": 128, "fwd_block_k": 256, "bwd_block_q": 128, "bwd_block_k": 256}
 _PARAM_PASSES = {p.name: p.pass_ for p in CONFIG_SPACE}
 
@@ -92,8 +91,7 @@ def _key_chunk(
     logsigmoid(z_l) - sum of sp over the chunk's keys nearer than l. It is not computed as
     z_l - (inclusive cumsum of sp): when one key takes nearly the whole stick (|z| reaches ~30
     on ``peaked`` input) that difference cancels and loses ~ulp(z) of log A on the key with the
-    largest weight (float32 o on peaked input, T = 200: worst of 100 draws 0.94x of its budget's
-    2 err_pt before, 0.73x after).
+    largest weight, which brings float32 ``o`` close to its budget.
 
     qc holds the chunk's queries as (b, hkv, group * n, d); kf and vf are k and v flipped
     along the sequence."""
@@ -121,10 +119,9 @@ def _flip_seq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 def _far_first(x: torch.Tensor) -> torch.Tensor:
     """A nearest-first block (keys along the last axis) in sequence order, for the matmuls that
     sum over keys (o = A v, dq = dZ k). Nearest-first, the few large weights come first and every
-    later product is rounded against a partial sum of their size: in float32 on randn input that
-    cost o ~4x the error of the same products summed far-first (1.2e-6 vs 2.9e-7 at |o| ~ 2,
-    T = 128), over FlashAttention-2's 2x budget. Summing far-first adds the small terms to small
-    partial sums, as the reference does."""
+    later product is rounded against a partial sum of their size, which in float32 puts o over
+    FlashAttention-2's 2x budget. Summing far-first adds the small terms to small partial sums,
+    as the reference does."""
     return torch.flip(x, (-1,))
 
 

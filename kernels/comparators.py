@@ -1,14 +1,18 @@
-"""Comparators registered beside the stick-breaking backends (design.md section 2).
+"""Comparators registered beside the stick-breaking backends.
 
 ``fa2``: FlashAttention-2, causal softmax attention. The ``flash_attn`` package when it imports,
 otherwise PyTorch SDPA pinned to its FLASH_ATTENTION backend (on Hopper SDPA would otherwise
 prefer cuDNN, which is not FlashAttention-2). Its ``implementation`` says which one ran. It is
 the speed baseline and the numerics anchor; it is checked against float64 softmax attention.
 
+``cudnn``: causal softmax attention on cuDNN's fused kernels, through SDPA pinned to
+CUDNN_ATTENTION. Benchmarked beside ``fa2`` (speedups stay over ``fa2``), as the vendor's own
+softmax on the same GPU; checked against float64 softmax attention like ``fa2``.
+
 ``upstream``: the authors' published stick-breaking kernel (the ``stickbreaking_attention``
 package) when it is installed. It returns ``(o, rem)`` like ``sb_attn``.
 
-Both call into code that is not ours, so they only translate layouts and arguments; neither is
+All call into code that is not ours, so they only translate layouts and arguments; none is
 ever picked by ``backend="auto"``.
 """
 
@@ -45,17 +49,28 @@ def _flash_attn() -> ModuleType | None:
     return module
 
 
-def _cuda_reason() -> str | None:
+def _cuda_reason(what: str) -> str | None:
+    """Why ``what`` (a softmax kernel for compute capability 8.0 and newer) cannot run here."""
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (torch sees none)"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
-        return f"FlashAttention-2 needs compute capability 8.0 or newer; this GPU is sm_{major}{minor}"
+        return f"{what} needs compute capability 8.0 or newer; this GPU is sm_{major}{minor}"
     return None
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_temp: float, backend: Any) -> torch.Tensor:
+    """Causal softmax attention through torch SDPA, pinned to one of its backends (an input it
+    does not take raises instead of silently running another backend)."""
+    from torch.nn.attention import sdpa_kernel
+
+    extra = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=inv_temp, **extra)
+
+
 def _fa2_availability() -> str | None:
-    reason = _cuda_reason()
+    reason = _cuda_reason("FlashAttention-2")
     if reason:
         return reason
     if _flash_attn() is None:
@@ -97,13 +112,14 @@ def _fa2_extra_check(problem: AttnProblem) -> str | None:
     return None
 
 
+# What the GPU softmax comparators share: fp16/bf16 on CUDA, head dims up to 256.
+_GPU_SOFTMAX = dict(kind="softmax", devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), max_head_dim=256)
+
+
 @register_backend(
     "fa2",
     description="FlashAttention-2 causal softmax (flash_attn package, else torch SDPA FLASH_ATTENTION)",
-    kind="softmax",
-    devices=("cuda",),
-    dtypes=(torch.float16, torch.bfloat16),
-    max_head_dim=256,
+    **_GPU_SOFTMAX,
     availability=_fa2_availability,
     extra_check=_fa2_extra_check,
     implementation=_fa2_implementation,
@@ -139,12 +155,57 @@ def fa2(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=inv_temp, causal=True
         )
         return o.transpose(1, 2), None
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    extra = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=inv_temp, **extra)
-    return o, None
+    return _sdpa_causal(q, k, v, inv_temp, SDPBackend.FLASH_ATTENTION), None
+
+
+# ---------------------------------------------------------------------------------------------
+# cudnn
+# ---------------------------------------------------------------------------------------------
+
+
+def _cudnn_availability() -> str | None:
+    reason = _cuda_reason("cuDNN attention")
+    if reason:
+        return reason
+    if not torch.backends.cudnn.is_available():
+        return "this torch was built without cuDNN"
+    return None
+
+
+def _cudnn_implementation() -> str:
+    return f"torch {torch.__version__} SDPA CUDNN_ATTENTION (cuDNN {torch.backends.cudnn.version()})"
+
+
+@register_backend(
+    "cudnn",
+    description="cuDNN causal softmax (torch SDPA pinned to CUDNN_ATTENTION)",
+    **_GPU_SOFTMAX,
+    # SDPA's dense entry point has no cu_seqlens.
+    varlen=False,
+    availability=_cudnn_availability,
+    implementation=_cudnn_implementation,
+)
+def cudnn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inv_temp: float,
+    attend_current: bool,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Causal softmax attention on cuDNN's fused kernels; returns ``(o, None)``. Timed beside
+    ``fa2`` to show how far FlashAttention-2, the speedup baseline, is from the vendor's own
+    softmax kernels on the same GPU. ``attend_current`` does not apply."""
+    from torch.nn.attention import SDPBackend
+
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: cudnn takes no packed varlen input (SDPA has no varlen entry point)")
+    return _sdpa_causal(q, k, v, inv_temp, SDPBackend.CUDNN_ATTENTION), None
 
 
 # ---------------------------------------------------------------------------------------------

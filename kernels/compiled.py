@@ -37,17 +37,17 @@ def stick_breaking_weights_exclusive(
     inclusive reverse cumsum shifted by one key, not as the inclusive one minus key j's own term;
     and rem read off the inclusive sum at key 0 instead of a separate sum.
 
-    Why (float16/bfloat16 dq, dk were 10-40x over budget on ``mixed`` inputs, on the CPU): the
-    backward of "inclusive minus own term" is cumsum(g) - g, g = dA * A. Inductor runs the cumsum
-    as an aten call on g rounded to the input dtype, but recomputes the subtracted g in float32
-    inside the fused kernel around it. Behind a key with A ~ 1 (a beacon) the two nearly cancel,
-    and what is left is g's rounding (half an ulp of |g| ~ 1: 5e-4 in float16) instead of the true
-    sum of the farther keys (~1e-6); eager subtracts the same rounded g and cancels exactly. The
-    shift has no subtraction to get wrong, in any dtype (and the forward no longer rounds a sum
-    that includes key j's own -softplus(z_j) before taking it off: o's float16 error drops ~7x on
-    ``mixed``). rem from the cumsum also fixes float32 rem: the training graph summed each row one
-    key at a time in float32 (over budget at T = 700), while the CPU's cumsum accumulates float32
-    in float64.
+    Why (on the CPU, float16/bfloat16 dq and dk on ``mixed`` inputs would otherwise be far over
+    budget): the backward of "inclusive minus own term" is cumsum(g) - g, g = dA * A. Inductor
+    runs the cumsum as an aten call on g rounded to the input dtype, but recomputes the subtracted
+    g in float32 inside the fused kernel around it. Behind a key with A ~ 1 (a beacon) the two
+    nearly cancel, and what is left is g's rounding (half an ulp of |g| ~ 1) instead of the true
+    sum of the farther keys (orders of magnitude smaller); eager subtracts the same rounded g and
+    cancels exactly. The shift has no subtraction to get wrong, in any dtype, and the forward never
+    rounds a sum that includes key j's own -softplus(z_j) before taking it off, which also makes
+    o more accurate on ``mixed``. rem from the cumsum keeps float32 rem within budget at long T:
+    the CPU's cumsum accumulates float32 in float64, where a row summed one key at a time in
+    float32 would not.
     """
     keep = causal_keep(z.shape[-1], attend_current, z.device)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -73,12 +73,9 @@ def formula_for(device_type: str) -> Callable[..., tuple[torch.Tensor, torch.Ten
 
     The CPU needs the exclusive cumsum (its backward's cancellation is in inductor's C++ code).
     On CUDA inductor scans in float32 in its own Triton kernel, and the reference's arrangement
-    is within budget (H100 `sbbench check` of compiled, 960 rows, the session before the
-    exclusive form; fp16 `mixed` max error 0.41-0.78x eager fp16's). There the exclusive form's
-    pad of the cumsum's output costs a materialised T x T pass: forward 14.8 vs 10.1 ms at
-    B=4 H=12 T=4096 D=128 bf16, forward+backward peak 9313 vs 6241 MiB, the same speed
-    (scripts/gpu_compiled_probe.py, reports/NVIDIA_H100_80GB_HBM3/compiled_probe.json). Shifting
-    the cumsum's input instead of its output was worse still: forward+backward 57 vs 25 ms.
+    is within budget there. The exclusive form's pad of the cumsum's output would cost a
+    materialised T x T pass there (more time and peak memory for the same accuracy), and shifting
+    the cumsum's input instead is slower still.
     """
     return dense_formula_exclusive if device_type == "cpu" else dense_naive
 

@@ -1,5 +1,5 @@
-"""The Triton kernels' H100 machine code, compiled on this machine (no GPU needed): guards for
-the two costs that once held the forward at 0.6x FlashAttention-2 (kernels/triton_sb/sass.py)."""
+"""The Triton kernels' Hopper (sm_90) machine code, compiled on this machine (no GPU needed):
+guards for per-score costs the kernels are built to avoid (kernels/triton_sb/sass.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def builds(request):
 
 def test_tile_loads_are_vectorised(builds):
     """K/V (forward, dQ) tiles are read with 16-byte cp.async copies, never 2-byte loads: with
-    head_dim a runtime value, the per-element mask split every load (H100: ~5% of the forward)."""
+    head_dim a runtime value, the per-element mask would split every load."""
     for kernel in ("fwd", "bwd_dq"):
         for loop in builds[kernel].hot_loops():
             assert loop.count("LDGSTS") > 0, kernel
@@ -39,7 +39,7 @@ def test_tile_loads_are_vectorised(builds):
 
 def test_forward_transform_stays_lean(builds):
     """Two special-function ops per score (2^-|z| and the weight) and no libdevice log2, which
-    inlined ~20 more instructions per score (42 against 22 in the hot loop at D=64)."""
+    would inline a few dozen more instructions per score."""
     b = builds["fwd"]
     assert b.spill_bytes == 0
     loops = b.hot_loops()
@@ -51,10 +51,10 @@ def test_forward_transform_stays_lean(builds):
 
 def test_backward_sigmoid_from_exponentials(builds):
     """bf16 inputs: three special-function ops per score in the backward kernels (2^-|z|, the
-    weight, and sigmoid as 2^(z2 - sp2)), no reciprocal: the reciprocal form cost five more ALU
-    ops per score (float32 inputs keep it, for accuracy), and 1 - sigmoid as a fourth exponential
-    cost the dK/dV kernel 14% of its H100 time at D=64 (reports/NVIDIA_H100_80GB_HBM3/
-    bwd_ab_r4_*.json): dz = g - sigmoid (P_incl + drem rem) needs no 1 - sigmoid."""
+    weight, and sigmoid as 2^(z2 - sp2)), no reciprocal: the reciprocal form costs several more
+    ALU ops per score (float32 inputs keep it, for accuracy), and 1 - sigmoid as a fourth
+    exponential would cost the dK/dV kernel registers it cannot spare: dz = g - sigmoid (P_incl +
+    drem rem) needs no 1 - sigmoid."""
     for kernel in ("bwd_dq", "bwd_dkdv"):
         for loop in builds[kernel].hot_loops():
             assert loop.per_score("MUFU.EX2") == pytest.approx(3.0), kernel
@@ -63,9 +63,8 @@ def test_backward_sigmoid_from_exponentials(builds):
 
 def test_dq_loop_has_no_gpu_wide_fence(builds):
     """The dQ kernel's per-block atomic max (the last row that reached each key block) is relaxed.
-    With Triton's default acq_rel semantics a GPU-wide fence preceded it in every iteration,
-    waiting for the boundary-sum stores: it cost the H100 dQ kernel 27% of its time at D=128 and
-    34% at D=64 (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_*.json)."""
+    With Triton's default acq_rel semantics a GPU-wide fence would precede it in every
+    iteration, waiting for the boundary-sum stores."""
     for loop in builds["bwd_dq"].hot_loops():
         assert loop.count("RED") > 0  # the atomic is still there, as a fire-and-forget reduction
         assert loop.count("MEMBAR.ALL.GPU") == 0 and loop.count("MEMBAR.SC.GPU") == 0

@@ -227,7 +227,7 @@ def test_bf16_within_budget_on_gpu(regime, seqlen, head_dim, batch, kv_heads):
     from sbbench.harness.check import check_case
 
     # One head at 16k: the float64 oracle materialises several T x T tensors (4 GiB each). The
-    # last shape (batch 2, GQA, D=128) caught a miscompiled dK launch config on the H100.
+    # last shape (batch 2, GQA, D=128) is where a miscompiled dK/dV launch config shows.
     heads = 1 if seqlen > 8192 else 4
     case = Case(batch, heads, min(kv_heads, heads), seqlen, head_dim, "bfloat16")
     rows = check_case("triton", case, regime, device="cuda", fa2=False)
@@ -246,3 +246,35 @@ def test_varlen_within_budget_on_gpu(dtype, regime):
     failed = [(r["tensor"], r["err_max"], r["budget"]) for r in rows if not r["passed"]]
     assert not failed, failed
 
+
+
+def test_launches_name_each_kernel_argument_once(monkeypatch, device):
+    """Every launch passes each of its kernel's arguments by name, and nothing else but compiler
+    options. The interpreter drops unknown keywords silently (a GPU compile raises on them), so
+    this records the keywords of a CPU run and compares them with the kernels' signatures."""
+    from sbbench.kernels.triton_sb import kernels
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert not args, f"{self.kernel.fn.__name__} got positional arguments"
+                seen[self.kernel.fn.__name__] = set(kwargs)
+                return self.kernel[grid](**kwargs)
+
+            return launch
+
+    recorded_kernels = {name: getattr(kernels, name) for name in ("sb_fwd_kernel", "sb_bwd_dq_kernel", "sb_bwd_dkdv_kernel")}
+    for name, kernel in recorded_kernels.items():
+        monkeypatch.setattr(kernels, name, Recorder(kernel))
+    q, k, v = (x.requires_grad_(True) for x in _inputs((1, 2, 20, 16), 1, torch.float32, device))
+    o, rem = sb_attn(q, k, v, backend="triton", config=SMALL)
+    (o.sum() + rem.sum()).backward()
+    compiler_options = {"num_warps", "num_stages", "maxnreg"}
+    assert len(seen) == 3
+    for name, keywords in seen.items():
+        assert keywords - compiler_options == set(recorded_kernels[name].arg_names), name

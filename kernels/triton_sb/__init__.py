@@ -13,65 +13,10 @@ import os
 import torch
 
 from sbbench.core.problem import AttnProblem
-from sbbench.core.registry import Param, register_backend
+from sbbench.core.registry import register_backend
 from sbbench.core.tuned import tuned_config_hook
 from sbbench.kernels.triton_sb.limits import launch_filter
-
-CONFIG_SPACE = (
-    Param("fwd_BLOCK_M", (16, 32, 64, 128, 256), "fwd"),
-    Param("fwd_BLOCK_N", (16, 32, 64, 128), "fwd"),
-    Param("fwd_num_warps", (2, 4, 8), "fwd"),
-    Param("fwd_num_stages", (1, 2, 3, 4), "fwd"),
-    # The tuner may raise the threshold as far as the numerics budget allows (design.md s. 3).
-    Param("skip_log2", (-40, -30, -24, -20, -16, -12), "fwd"),
-    # Keys walked before the first skip check (each later check waits twice as long): a check
-    # ends a software-pipelined loop, so rarer checks cost less when nothing can be skipped and
-    # stop later when the stick runs out.
-    Param("skip_check_keys", (128, 256, 512, 1024, 2048, 4096), "fwd"),
-    # How many skip checks before walking the rest without one: each check closes a pipelined
-    # loop and opens another, which costs even when nothing can be skipped.
-    Param("skip_checks", (1, 2, 3, 5), "fwd"),
-    Param("scan", ("dot", "cumsum"), "fwd"),
-    # Backward: the dQ kernel's tiles, then the dK/dV kernel's. The dK/dV key tile also sets
-    # how often the dQ kernel stores the boundary sums passed between them (T^2/(2 N) floats
-    # each), so it must be a multiple of the dQ key tile.
-    Param("bwd_BLOCK_M", (16, 32, 64, 128), "bwd"),
-    Param("bwd_BLOCK_N", (16, 32, 64, 128), "bwd"),
-    Param("bwd_num_warps", (2, 4, 8), "bwd"),
-    Param("bwd_num_stages", (1, 2, 3), "bwd"),
-    Param("bwd_dkdv_BLOCK_M", (16, 32, 64, 128), "bwd"),
-    Param("bwd_dkdv_BLOCK_N", (32, 64, 128), "bwd"),
-    Param("bwd_dkdv_num_warps", (2, 4, 8), "bwd"),
-    Param("bwd_dkdv_num_stages", (1, 2, 3), "bwd"),
-    # Register caps (0: none): the values where one more 4-warp program fits on an SM.
-    Param("bwd_maxnreg", (0, 168, 128), "bwd"),
-    Param("bwd_dkdv_maxnreg", (0, 168, 128), "bwd"),
-)
-# Defaults from H100 probes (scripts/gpu_probe.py, bf16, B=4 H=12 T=8192 D=128, dense):
-# a 32-key forward tile with 3 stages (scripts/gpu_fwd_ablation.py: 0.97x FlashAttention-2 at
-# D=128 and 0.75x at D=64, vs 0.88x / 0.64x with 64 keys and 2 stages; at D=64 the 64-key tile
-# needs ~200 registers per thread, two programs per SM, the 32-key one 127, four);
-# skip_log2 = -30 moves float32 outputs of O(1) by under a tenth of an ulp; one skip check costs
-# nothing measurable (219 vs 220 TFLOP/s with skipping off) while each further one costs ~10%;
-# a dK/dV key tile of 64 keeps the boundary sums at T^2/128 floats (peak memory ~FA2's);
-# the dQ kernel's 64x32 tile with 3 stages: 4.68 ms vs 5.40 with 2 at D=128, 7.16 vs 8.53 at
-# D=64 (H=24), T=8192 (scripts/gpu_bwd_probe.py, reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r3b_1_new.json;
-# rounds 1-2 before the fence-free dQ kernel: bwd_probe_r1/r2.json). No register caps by default:
-# at D=64 a cap of 168 takes the dQ kernel from 7.12 to 6.72 ms, at D=128 from 4.61 to 8.60
-# (bwd_probe_r3.json), so the cap goes in the tuned configs.
-# The dK/dV tile stays 32x64 with 4 warps: the best ones on an H100 (128x64 8 warps at D=128,
-# 64x64 4 warps at D=64) differ by head dim and go in the tuned configs.
-# The dK/dV kernel runs 1 software-pipelining stage by default: on triton 3.6 / H100 its 2-stage
-# build returned wrong dK (dv right) at D=128 twice, with a 16-row tile and GQA, and on packed
-# varlen fp16 with a 32-row tile (scripts/gpu_dk_bisect.py); 1 stage was right in every case.
-# The tuner may still choose 2 stages: its numerics constraint rejects a config that is wrong.
-DEFAULT_CONFIG = {
-    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32, "fwd_num_warps": 4, "fwd_num_stages": 3,
-    "skip_log2": -30, "skip_check_keys": 256, "skip_checks": 1, "scan": "dot",
-    "bwd_BLOCK_M": 64, "bwd_BLOCK_N": 32, "bwd_num_warps": 4, "bwd_num_stages": 3,
-    "bwd_dkdv_BLOCK_M": 32, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_warps": 4, "bwd_dkdv_num_stages": 1,
-    "bwd_maxnreg": 0, "bwd_dkdv_maxnreg": 0,
-}
+from sbbench.kernels.triton_sb.params import CONFIG_SPACE, DEFAULT_CONFIG, check_config, config_to_list
 
 
 def _interpreting() -> bool:
@@ -99,16 +44,12 @@ def _extra_check(problem: AttnProblem) -> str | None:
 
 def _config_list(config) -> list[int]:
     # The custom ops take launch parameters as one int list (a schema torch.library accepts).
-    from sbbench.kernels.triton_sb.op import config_to_list
-
-    return config_to_list({**DEFAULT_CONFIG, **(config or {})})
+    return config_to_list(config or {})
 
 
 def _check_config(config) -> None:
     """Raises ``ValueError`` for a config the kernels cannot launch (checks across parameters)."""
-    from sbbench.kernels.triton_sb.op import _check_launch, config_to_list
-
-    _check_launch(config_to_list({**DEFAULT_CONFIG, **config}))
+    check_config({**DEFAULT_CONFIG, **config})
 
 
 def triton_sb_attn(

@@ -1,37 +1,38 @@
 """Triton kernels for stick-breaking attention: forward, and a two-kernel deterministic backward.
 
-All logit arithmetic is in base 2 (``z2 = z * log2(e)``) so the special-function unit's ex2/lg2
-are used directly. For one query row i and its keys j (nearest first)::
+README.md beside this file derives every formula; in short: all logit arithmetic is in base 2
+(``z2 = z * log2(e)``) so the special-function unit's ex2/lg2 are used directly. For one query row
+i and its keys j (nearest first)::
 
     sp2_j  = softplus2(z2_j) = max(z2, 0) + log2(1 + 2^-|z2|)        (-log2(1 - beta_j))
     S_j    = sum_{l >= j} sp2_l                                        (inclusive suffix sum)
     A_j    = 2^(z2_j - S_j)        o = sum_j A_j v_j        rem = 2^-(sum_j sp2_j)
 
-Key blocks are walked from the diagonal leftwards; ``carry`` holds the suffix sum of the blocks
-already visited (the running log-stick). Within a block the suffix sum is a triangular matrix
-product on the tensor cores (``SCAN=1``: one fp16 product, enough for bf16 inputs; ``SCAN=2``:
-the value split into fp16 high and low parts, two products, ~2^-22 relative error, for fp16
-inputs) or ``tl.cumsum`` (``SCAN=0``, always used for fp32 inputs: fp16's narrow exponent range
-turns small values subnormal, which float32's budget cannot absorb). The scan, not the matmuls, is what makes
-stick-breaking costlier than softmax (anchors.md), and a product with a constant 0/1 matrix is the
-cheapest scan Triton offers.
+The forward walks key blocks from the diagonal leftwards; ``carry`` holds the suffix sum of the
+blocks already visited (the running log-stick). Within a block the suffix sum is a product with a
+0/1 triangular matrix on the tensor cores (``SCAN=1``: one fp16 product, for bf16 inputs;
+``SCAN=2``: the value split into fp16 high and low parts, two products, for fp16 inputs) or
+``tl.cumsum`` (``SCAN=0``, always for float32 inputs, whose budget fp16's exponent range cannot
+meet). This scan is what makes stick-breaking costlier than softmax, and the matrix product is
+the cheapest scan Triton offers.
 
-Backward (natural-log units for the gradient; z = inv_temp <q, k>). With g_il = A_il <do_i, v_l>,
-beta = sigmoid(z), Dtot_i = <do_i, o_i> and Gsuf_il = sum_{j > l} g_ij (keys nearer the query):
+Backward (natural-log units; z = inv_temp <q, k>). With g_il = A_il <do_i, v_l>,
+beta = sigmoid(z) and P_il = sum_{j <= l} g_ij (keys at or further from the query than l):
 
-    dz_il = g_il - beta_il (Dtot_i + drem_i rem_i - Gsuf_il)
+    dz_il = g_il - beta_il (P_il + drem_i rem_i)
     dq_i = inv_temp sum_l dz_il k_l,  dk_l = inv_temp sum_i dz_il q_i,  dv_l = sum_i A_il do_i
 
-Both the log-stick and Gsuf are running sums from the diagonal, so a key-major dK/dV kernel needs
-their value at each block boundary. The query-major dQ kernel walks like the forward, and stores
-these two boundary values per (row, key block) for the causal blocks only (T^2 / (2 BLOCK_N) floats
-each); the key-major dK/dV kernel then recomputes each block alone. Each output element is written
-by one program: no atomics on floats, so the backward is deterministic.
+The query-major dQ kernel walks each row's keys from the left, so P is a plain running sum, and
+stores per (row, dK/dV key block) of the causal blocks the two values a block cannot compute
+alone: P left of it and the log-stick right of it. The key-major dK/dV kernel then recomputes each
+block from those. Each output element is written by one program: no atomics on floats, so the
+backward is deterministic.
 
-Block skipping (design.md section 3): once every row of a query tile has ``carry > -skip_log2``
-(rem < 2^skip_log2), the forward stops walking left. It checks after ``skip_check_keys`` keys,
-then after twice as many more, four times, ... (``skip_checks`` checks), then walks the rest. It records, per row, the first key it
-visited; the backward masks every key left of it, so both passes compute the same function.
+Block skipping: once every row of a query tile has ``carry > -skip_log2`` (rem < 2^skip_log2),
+the forward stops walking left. It checks after ``skip_check_keys`` keys, then after twice as many
+more, four times, ... (``skip_checks`` checks), then walks the rest. It records, per row, the
+first key it visited; the backward masks every key left of it, so both passes compute the same
+function.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def _to_fp16_saturated(x, NONNEG: tl.constexpr):
     """x (float32) in fp16, values beyond fp16's range saturated instead of inf: an inf would
     turn the scan's product with the 0/1 matrix into NaN (inf * 0). Natively one
     cvt.satfinite for two values, instead of one clamp per value (two unless NONNEG, x >= 0)
-    before the conversion; in the dK/dV kernel clamps and cvt.satfinite ran equally fast on the
-    H100 (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r3b_*.json)."""
+    before the conversion."""
     if NATIVE_ASM:
         return tl.inline_asm_elementwise(
             "cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2
@@ -94,10 +94,10 @@ def _softplus2(z2, ACCURATE: tl.constexpr, SCAN: tl.constexpr):
     cannot absorb. Otherwise log2(1 + e) = e * p(e), p a polynomial fitted to log2(1 + e) / e on
     [0, 1] for relative error (exact in the limit e -> 0): degree 6 (1.5e-6) for fp16 inputs,
     degree 5 (1e-5, an eighth of a bf16 ulp) for bf16 ones (SCAN == 1, their one-part scan).
-    ``tl.log2`` is not the special-function unit's lg2 but a libdevice routine of ~25
-    instructions, and it alone cost the H100 forward a third of its time
-    (scripts/gpu_fwd_ablation.py: 0.66x -> 0.91x FlashAttention-2 at D=128; degree 5 instead of
-    6: +5% at D=64). Returns e too: the backward forms sigmoid(z) and 1 - sigmoid(z) from it."""
+    ``tl.log2`` is not the special-function unit's lg2 but a libdevice routine of a few dozen
+    instructions, which would dominate the per-score cost; each degree of the polynomial is one
+    more FMA per score, hence the lowest degree each dtype's budget allows. Returns e too: the
+    backward forms sigmoid(z) and 1 - sigmoid(z) from it."""
     e = tl.exp2(-tl.abs(z2))
     if ACCURATE:
         u = 1.0 + e
@@ -125,7 +125,7 @@ def _row_sum(x, ACCURATE: tl.constexpr):
     """Row sums for the running log-stick: float64 when ACCURATE (float32 inputs), so the
     forward's total and the backward's running sum agree whatever their key tiles (their
     difference is the stick right of a key); float32 otherwise, where that difference needs only
-    bf16/fp16 accuracy and float64 conversions per tile cost the forward ~2%."""
+    bf16/fp16 accuracy and float64 conversions per tile would cost the forward time."""
     if ACCURATE:
         return tl.sum(x.to(tl.float64), 1)
     else:
@@ -207,10 +207,10 @@ def _work_order(num_pairs, sched_pairs):
     with the most work. The grid is one axis of n_ranks x num_pairs programs, which the GPU starts in index
     order: chunk by chunk of ``sched_pairs`` pairs, and within a chunk every pair's rank 0, then
     every pair's rank 1, and so on. The longest programs start first and the last to start are
-    the shortest. Pair by pair instead, the last pairs' longest programs start near the end and
-    run on alone: a causal tail of 5-10% of each kernel in a simulation of the launch order
-    (more for a backward launch of few heads). A chunk holds a few pairs, not all of them, so
-    that the K/V they walk stay in L2 while it runs."""
+    the shortest. Pair by pair instead, the last pairs' longest programs would start near the end
+    and run on alone, a causal tail on a mostly idle GPU (longer for a backward launch of few
+    heads). A chunk holds a few pairs, not all of them, so that the K/V they walk stay in L2
+    while it runs."""
     n_ranks = tl.num_programs(0) // num_pairs
     pid = tl.program_id(0)
     chunk = pid // (n_ranks * sched_pairs)
@@ -300,9 +300,8 @@ def _fwd_block(
         z2 = tl.where(valid, z2, MASKED_LOGIT2)
     sp2, _ = _softplus2(z2, ACCURATE, SCAN)
     # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry.
-    # (Adding the row offsets on the tensor cores, as the backward does, left the instruction
-    # count unchanged here and made the H100 forward 2-3% slower: reports/NVIDIA_H100_80GB_HBM3/
-    # bwd_ab_r4_1_new.json.)
+    # The row offset is subtracted here rather than folded into the scan's accumulator, as the
+    # backward does: in this loop the fold saves no instruction and runs slower.
     suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
     weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -427,7 +426,7 @@ def _bwd_block_logits(
     """Logits of one block: (z2, softplus2, 2^-|z2|, row sums of softplus2). MASKED: entries
     left of a row's first key (``stop``), and right of its diagonal when CAUSAL, are set to
     MASKED_LOGIT2. Blocks every row sees whole skip that compare and select (two to four
-    instructions of the backward's ~50-65 per score)."""
+    instructions per score)."""
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
     if MASKED:
         valid = keys[None, :] >= stop[:, None]
@@ -484,8 +483,7 @@ def _bwd_block_dz(
         # or 2^-11 (fp16) relative rounding dz gets on its way into the dK and dQ products. The
         # cancellation-free form, g (1 - beta) - beta (P_excl + drem rem), costs another
         # special-function op (1 - beta = 2^-sp2), an ALU op, and 32 live registers at a 64x64
-        # tile, which the dK/dV kernel spilled: 14% of its time on the H100 at D=64
-        # (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r4_1_new.json).
+        # tile, which the dK/dV kernel cannot spare without spilling.
         p_incl = _scan_excl_onto(g + (carry_p + drem_rem)[:, None], g, tri_prefix, SCAN, False, False)
         dz = g - tl.exp2(log2_beta) * p_incl
     return dz

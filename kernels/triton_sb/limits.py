@@ -52,11 +52,11 @@ def _kernel_tiles(config: Mapping[str, Any], head_dim: int) -> dict[str, dict[st
 
 def launch_filter(problem: AttnProblem, config: Mapping[str, Any], limits: Mapping[str, Any]) -> str | None:
     """Why ``config`` cannot run or cannot be fast for ``problem``, or None."""
-    from sbbench.kernels.triton_sb.op import _check_launch, config_to_list
+    from sbbench.kernels.triton_sb.params import check_config
 
     try:
-        _check_launch(config_to_list(config))
-    except ValueError as exc:  # a combination the launcher refuses
+        check_config(config)
+    except ValueError as exc:  # a value or combination the launcher refuses
         return str(exc)
     element = problem.dtype.itemsize
     shared = limits.get("shared_memory_per_block") or DEFAULT_SHARED_MEMORY

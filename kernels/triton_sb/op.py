@@ -2,7 +2,8 @@
 
 The forward and backward are custom ops (``sbbench::triton_sb_fwd`` / ``sbbench::triton_sb_bwd``)
 with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` of a model that calls
-``sb_attn`` keeps one graph. Launch parameters travel as one int list, in ``CONFIG_FIELDS`` order.
+``sb_attn`` keeps one graph. Launch parameters travel as one int list (``params.config_to_list``),
+and every kernel argument is passed by name.
 """
 
 from __future__ import annotations
@@ -13,58 +14,9 @@ import torch
 import triton
 
 from sbbench.kernels.triton_sb import kernels
+from sbbench.kernels.triton_sb.params import config_from_list
 
 LOG2E = 1.4426950408889634
-SKIP_OFF = -(10**6)  # skip_log2 at or below this disables block skipping
-
-# Order of the launch parameters in the int list the custom ops take.
-CONFIG_FIELDS = (
-    "fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_warps", "fwd_num_stages", "skip_log2", "skip_check_keys",
-    "scan", "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_num_warps", "bwd_num_stages",
-    "bwd_dkdv_BLOCK_M", "bwd_dkdv_BLOCK_N", "bwd_dkdv_num_warps", "bwd_dkdv_num_stages", "skip_checks",
-    "bwd_maxnreg", "bwd_dkdv_maxnreg",
-)
-SCAN_CODES = {"dot": 1, "cumsum": 0}
-
-
-def config_to_list(config: Mapping[str, Any]) -> list[int]:
-    values = []
-    for name in CONFIG_FIELDS:
-        value = config[name]
-        if name == "scan":
-            if value not in SCAN_CODES:
-                raise ValueError(f"config: scan must be one of {sorted(SCAN_CODES)}, got {value!r}")
-            value = SCAN_CODES[value]
-        elif name == "skip_log2" and value is None:
-            value = SKIP_OFF
-        values.append(int(value))
-    return values
-
-
-def _check_launch(cfg: list[int]) -> None:
-    fields = dict(zip(CONFIG_FIELDS, cfg))
-    for name in ("fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M", "bwd_BLOCK_N", "bwd_dkdv_BLOCK_M", "bwd_dkdv_BLOCK_N"):
-        value = fields[name]
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"config: {name} must be a power of two >= 16 (tl.dot tiles), got {value}")
-    for name in ("fwd_num_warps", "bwd_num_warps", "bwd_dkdv_num_warps"):
-        if fields[name] not in (1, 2, 4, 8, 16):
-            raise ValueError(f"config: {name} must be 1, 2, 4, 8 or 16, got {fields[name]}")
-    for name in ("fwd_num_stages", "bwd_num_stages", "bwd_dkdv_num_stages"):
-        if fields[name] < 1:
-            raise ValueError(f"config: {name} must be at least 1, got {fields[name]}")
-    for name in ("bwd_maxnreg", "bwd_dkdv_maxnreg"):
-        if fields[name] and not 24 <= fields[name] <= 255:
-            raise ValueError(f"config: {name} must be 0 (no cap) or 24..255 registers, got {fields[name]}")
-    if fields["bwd_dkdv_BLOCK_N"] % fields["bwd_BLOCK_N"]:
-        raise ValueError(
-            f"config: bwd_dkdv_BLOCK_N ({fields['bwd_dkdv_BLOCK_N']}) must be a multiple of "
-            f"bwd_BLOCK_N ({fields['bwd_BLOCK_N']}): the dQ kernel stores boundary sums at its edges"
-        )
-    if not 1 <= fields["skip_checks"] <= 8:
-        raise ValueError(f"config: skip_checks must be 1..8, got {fields['skip_checks']}")
-    if fields["skip_check_keys"] < 1:
-        raise ValueError(f"config: skip_check_keys must be positive, got {fields['skip_check_keys']}")
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -73,17 +25,14 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _strides3(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, token) strides; packed varlen has no batch axis."""
+def _strides(name: str, x: torch.Tensor, varlen: bool) -> dict[str, int]:
+    """The kernels' ``stride_<name>b``, ``..h`` and ``..t`` arguments for ``x``: its batch, head
+    and token strides, dense (B, H, T, ...) or packed (total, H, ...), which has no batch axis."""
     if varlen:
-        return 0, x.stride(1), x.stride(0)
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _rem_strides(rem: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    if varlen:  # (total, H)
-        return 0, rem.stride(1), rem.stride(0)
-    return rem.stride(0), rem.stride(1), rem.stride(2)
+        b, h, t = 0, x.stride(1), x.stride(0)
+    else:
+        b, h, t = x.stride(0), x.stride(1), x.stride(2)
+    return {f"stride_{name}b": b, f"stride_{name}h": h, f"stride_{name}t": t}
 
 
 def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int):
@@ -94,45 +43,46 @@ def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor]
     return b, h, k.shape[1], t, b * t, t
 
 
-def _kernel_flags(dtype: torch.dtype, scan_code: int) -> dict:
+def _kernel_flags(dtype: torch.dtype, scan: str) -> dict:
     """Per-dtype arithmetic: float32 inputs get exact fp32 scans (tl.cumsum), IEEE fp32 dots
     and an accurate softplus; fp16 a two-part fp16 scan; bf16 a one-part one (see kernels.py)."""
     fp32 = dtype == torch.float32
-    scan = 0 if (scan_code == 0 or fp32) else (1 if dtype == torch.bfloat16 else 2)
-    return {"SCAN": scan, "PRECISION": "ieee" if fp32 else "tf32", "ACCURATE": fp32}
+    scan_mode = 0 if (scan == "cumsum" or fp32) else (1 if dtype == torch.bfloat16 else 2)
+    return {"SCAN": scan_mode, "PRECISION": "ieee" if fp32 else "tf32", "ACCURATE": fp32}
 
 
 def launch_options(
-    f: Mapping[str, int], dtype: torch.dtype, head_dim: int, attend_current: bool, varlen: bool
+    config: Mapping[str, Any], dtype: torch.dtype, head_dim: int, attend_current: bool, varlen: bool
 ) -> dict[str, dict[str, Any]]:
     """Compile-time parameters, warps and stages of the three kernels (``"fwd"``, ``"bwd_dq"``,
-    ``"bwd_dkdv"``) for launch config ``f`` (CONFIG_FIELDS -> int): what the launchers pass as
-    keywords, and what ``sass.py`` compiles to inspect a launch without a GPU. ``HEAD_DIM`` is not
-    among them: the kernels take it positionally."""
-    common = dict(ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen, BLOCK_D=_block_d(head_dim),
-                  **_kernel_flags(dtype, f["scan"]))
+    ``"bwd_dkdv"``) for a full, checked launch config (``params.config_from_list``): what the
+    launchers pass by name, and what ``sass.py`` compiles to inspect a launch without a GPU."""
+    c = config
+    common = dict(HEAD_DIM=head_dim, ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen,
+                  BLOCK_D=_block_d(head_dim), **_kernel_flags(dtype, c["scan"]))
     return {
         "fwd": dict(
-            common, SKIP=f["skip_log2"] > SKIP_OFF, SKIP_CHECK_TILES=max(1, f["skip_check_keys"] // f["fwd_BLOCK_N"]),
-            SKIP_LEVELS=f["skip_checks"], BLOCK_M=f["fwd_BLOCK_M"], BLOCK_N=f["fwd_BLOCK_N"],
-            num_warps=f["fwd_num_warps"], num_stages=f["fwd_num_stages"],
+            common, SKIP=c["skip_log2"] is not None,
+            SKIP_CHECK_TILES=max(1, c["skip_check_keys"] // c["fwd_BLOCK_N"]), SKIP_LEVELS=c["skip_checks"],
+            BLOCK_M=c["fwd_BLOCK_M"], BLOCK_N=c["fwd_BLOCK_N"], num_warps=c["fwd_num_warps"],
+            num_stages=c["fwd_num_stages"],
         ),
         "bwd_dq": dict(
-            common, BLOCK_M=f["bwd_BLOCK_M"], BLOCK_N=f["bwd_BLOCK_N"], STATE_N=f["bwd_dkdv_BLOCK_N"],
-            num_warps=f["bwd_num_warps"], num_stages=f["bwd_num_stages"], **_register_cap(f["bwd_maxnreg"]),
+            common, BLOCK_M=c["bwd_BLOCK_M"], BLOCK_N=c["bwd_BLOCK_N"], STATE_N=c["bwd_dkdv_BLOCK_N"],
+            num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], **_register_cap(c["bwd_maxnreg"]),
         ),
         "bwd_dkdv": dict(
-            common, BLOCK_M=f["bwd_dkdv_BLOCK_M"], BLOCK_N=f["bwd_dkdv_BLOCK_N"],
-            num_warps=f["bwd_dkdv_num_warps"], num_stages=f["bwd_dkdv_num_stages"],
-            **_register_cap(f["bwd_dkdv_maxnreg"]),
+            common, BLOCK_M=c["bwd_dkdv_BLOCK_M"], BLOCK_N=c["bwd_dkdv_BLOCK_N"],
+            num_warps=c["bwd_dkdv_num_warps"], num_stages=c["bwd_dkdv_num_stages"],
+            **_register_cap(c["bwd_dkdv_maxnreg"]),
         ),
     }
 
 
 def _register_cap(maxnreg: int) -> dict[str, int]:
     """ptxas's per-thread register cap (0: its own choice). The backward kernels are latency-bound
-    at two 4-warp programs per SM, which their ~210-255 registers allow; a cap of 168 fits three
-    (128: four) at the price of some spills, which ``sass.py`` counts."""
+    at the two 4-warp programs per SM their registers allow; a cap of 168 fits three (128: four)
+    at the price of some spills, which ``sass.py`` counts."""
     return {"maxnreg": maxnreg} if maxnreg else {}
 
 
@@ -157,8 +107,7 @@ def triton_sb_fwd(
     cfg: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, rem, log2 of 1/rem in float64, first visited key per row) for one call."""
-    _check_launch(cfg)
-    f = dict(zip(CONFIG_FIELDS, cfg))
+    config = config_from_list(cfg)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     varlen = cu_seqlens is not None
     n_seq, heads, kv_heads, t_dense, rows, longest = _layout(q, k, cu_seqlens, max_seqlen)
@@ -169,14 +118,16 @@ def triton_sb_fwd(
     stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
     if rows == 0:
         return o, rem, logrem, stop
-    options = launch_options(f, q.dtype, head_dim, attend_current, varlen)["fwd"]
+    options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
-        q, k, v, o, rem, logrem, stop, cu_seqlens if varlen else stop,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(o, varlen),
-        *_rem_strides(rem, varlen),
-        t_dense, rows, heads, heads // kv_heads, pairs, SCHED_PAIRS_QUERY_MAJOR, head_dim, inv_temp * LOG2E,
-        float(-f["skip_log2"]) if options["SKIP"] else 0.0, **options,
+        Q=q, K=k, V=v, O=o, REM=rem, LOGREM=logrem, STOP=stop,
+        CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do
+        **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
+        **_strides("o", o, varlen), **_strides("r", rem, varlen),
+        T_dense=t_dense, total_rows=rows, num_heads=heads, group=heads // kv_heads, num_pairs=pairs,
+        sched_pairs=SCHED_PAIRS_QUERY_MAJOR, scale2=inv_temp * LOG2E,
+        skip_threshold=float(-config["skip_log2"]) if options["SKIP"] else 0.0, **options,
     )
     return o, rem, logrem, stop
 
@@ -199,24 +150,21 @@ def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
 
 
 # The dQ kernel leaves two float32 boundary sums per (row, dK/dV key block) for the dK/dV kernel:
-# heads x T^2 / STATE_N floats, which outgrow everything else at long T (at B=4, H=24, D=64,
-# T=16k with 64-key blocks: 1.5 GiB, which made the backward's peak 1.52x FlashAttention-2's).
-# The backward therefore runs over groups of kv heads (with their query heads) whose sums fit in
-# this multiple of q's bytes (FlashAttention-2 itself holds a float32 dq accumulator, twice q's
-# bytes for bf16 input). Heads are independent, so the gradients are bit-identical whatever the
-# grouping; each group is two more launches, each still B x heads x T / tile programs, and each
-# ends with its longest dK/dV programs running on a part-idle GPU: 3x rather than 2x takes
-# T=16k, D=64 in 3 launches instead of 5, and T=4k in one.
+# heads x T^2 / STATE_N floats, which outgrow everything else at long T (at B=4, H=24, T=16k with
+# 64-key blocks they would take 1.5 GiB). The backward therefore runs over groups of kv heads (with
+# their query heads) whose sums fit in this multiple of q's bytes (FlashAttention-2 itself holds a
+# float32 dq accumulator, twice q's bytes for bf16 input). Heads are independent, so the gradients
+# are bit-identical whatever the grouping. Each group is two more launches, and each launch ends
+# with its longest dK/dV programs running on a partly idle GPU, so a larger multiple buys fewer
+# launches with more memory; 3x keeps the backward's peak near FlashAttention-2's.
 STATE_BUDGET_Q_MULTIPLE = 3
 
 # (sequence, head) pairs per chunk of the launch order (kernels._work_order): within a chunk
-# every pair's longest program starts before any pair's shorter ones. On the H100 at T=8192
-# (reports/NVIDIA_H100_80GB_HBM3/bwd_ab_r5_3_lpt*.json, against bwd_ab_r5_2_split.json, which
-# launched pair by pair) chunks of 16 made the query-major kernels 3-8% faster (forward and
-# dQ, D=64 and 128; chunks of 8 or of every pair were slower than 16). The key-major dK/dV
-# kernel keeps pair by pair (a chunk of 1): its programs each read all of their pair's q and
-# do, which chunks spread over more pairs than L2 holds; chunks of 8, 16 and all pairs made it
-# 8-14% slower at D=128 and gained at most 0.5% at D=64.
+# every pair's longest program starts before any pair's shorter ones. Larger chunks shorten the
+# causal tail; smaller ones keep the K/V a chunk walks in L2. The query-major kernels (forward,
+# dQ) read one q tile and walk K/V, which a chunk of 16 pairs shares well. The key-major dK/dV
+# kernel goes pair by pair (a chunk of 1): its programs each read all of their pair's q and do,
+# which any larger chunk spreads over more pairs than L2 holds.
 SCHED_PAIRS_QUERY_MAJOR = 16
 SCHED_PAIRS_KEY_MAJOR = 1
 
@@ -254,8 +202,7 @@ def triton_sb_bwd(
     max_seqlen: int,
     cfg: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_launch(cfg)
-    f = dict(zip(CONFIG_FIELDS, cfg))
+    config = config_from_list(cfg)
     q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
     varlen = cu_seqlens is not None
     if drem is None:
@@ -267,7 +214,7 @@ def triton_sb_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if rows == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_m, state_n = f["bwd_BLOCK_M"], f["bwd_dkdv_BLOCK_N"]
+    block_m, state_n = config["bwd_BLOCK_M"], config["bwd_dkdv_BLOCK_N"]
     num_key_blocks = triton.cdiv(longest, state_n)
 
     if varlen:
@@ -286,9 +233,13 @@ def triton_sb_bwd(
     state_r = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
-    cu = cu_seqlens if varlen else stop
-    options = launch_options(f, q.dtype, head_dim, attend_current, varlen)
-    scale2 = inv_temp * LOG2E
+    options = launch_options(config, q.dtype, head_dim, attend_current, varlen)
+    # Arguments both kernels of every launch take alike.
+    shared = dict(
+        CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do
+        CU_STATES=cu_states, DREM_REM=drem_rem, STATE_R=state_r, STATE_P=state_p, T_dense=t_dense, total_rows=rows,
+        state_total=state_total, group=group, scale2=inv_temp * LOG2E, inv_temp=inv_temp, num_key_blocks=num_key_blocks,
+    )
     for hk0 in range(0, kv_heads, kv_step):
         # Heads are dim 1 of every tensor, dense (B, H, T, ...) or packed (total, H, ...), and
         # dim 0 of the per-row (H, rows) buffers.
@@ -296,25 +247,25 @@ def triton_sb_bwd(
         n_kv, h0, h1 = hk1 - hk0, hk0 * group, hk1 * group
         qc, doc, dremc, dqc = (x[:, h0:h1] for x in (q, do, drem, dq))
         kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
-        # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
-        row_hi = torch.full((n_seq * n_kv, num_key_blocks), -1, dtype=torch.int32, device=q.device)
-        # Per (sequence, kv head): the largest first key of any row (0: nothing skipped).
-        max_stop = torch.zeros(n_seq * n_kv, dtype=torch.int32, device=q.device)
+        this_launch = dict(
+            shared, Q=qc, K=kc, V=vc, DO=doc, STOP=stop[h0:h1],
+            # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
+            ROW_HI=torch.full((n_seq * n_kv, num_key_blocks), -1, dtype=torch.int32, device=q.device),
+            # Per (sequence, kv head): the largest first key of any row (0: nothing skipped).
+            MAX_STOP=torch.zeros(n_seq * n_kv, dtype=torch.int32, device=q.device),
+            **_strides("q", qc, varlen), **_strides("k", kc, varlen), **_strides("v", vc, varlen),
+            **_strides("do", doc, varlen),
+        )
         q_pairs, kv_pairs = n_seq * (h1 - h0), n_seq * n_kv
         kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m) * q_pairs,)](
-            qc, kc, vc, doc, dremc, logrem[h0:h1], stop[h0:h1], cu, cu_states, dqc, drem_rem, state_r, state_p,
-            row_hi, max_stop,
-            *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen),
-            *_strides3(doc, varlen), *_rem_strides(dremc, varlen), *_strides3(dqc, varlen),
-            t_dense, rows, state_total, h1 - h0, group, q_pairs, SCHED_PAIRS_QUERY_MAJOR, head_dim, scale2, inv_temp,
-            num_key_blocks, **options["bwd_dq"],
+            DREM=dremc, LOGREM=logrem[h0:h1], DQ=dqc, **_strides("dr", dremc, varlen), **_strides("dq", dqc, varlen),
+            num_heads=h1 - h0, num_pairs=q_pairs, sched_pairs=SCHED_PAIRS_QUERY_MAJOR,
+            **this_launch, **options["bwd_dq"],
         )
         kernels.sb_bwd_dkdv_kernel[(num_key_blocks * kv_pairs,)](
-            qc, kc, vc, doc, stop[h0:h1], cu, cu_states, drem_rem, state_r, state_p, row_hi, max_stop, dkc, dvc,
-            *_strides3(qc, varlen), *_strides3(kc, varlen), *_strides3(vc, varlen), *_strides3(doc, varlen),
-            *_strides3(dkc, varlen), *_strides3(dvc, varlen),
-            t_dense, rows, state_total, n_kv, group, kv_pairs, SCHED_PAIRS_KEY_MAJOR, head_dim, scale2, inv_temp,
-            num_key_blocks, **options["bwd_dkdv"],
+            DK=dkc, DV=dvc, **_strides("dk", dkc, varlen), **_strides("dv", dvc, varlen),
+            num_kv_heads=n_kv, num_pairs=kv_pairs, sched_pairs=SCHED_PAIRS_KEY_MAJOR,
+            **this_launch, **options["bwd_dkdv"],
         )
     return dq, dk, dv
 

@@ -2,10 +2,10 @@
 with the ptxas that ships in the triton wheel, disassemble it, and count the instructions of
 each loop.
 
-This is how the kernel's two largest H100 costs were found before any device time was spent on
-them: the K/V tiles were read as 2-byte loads with a mask per element (``head_dim`` was a
-runtime value), and ``tl.log2`` inlined a ~25-instruction libdevice routine per score. The tests
-use it to keep both from coming back; ``python -m sbbench.kernels.triton_sb.sass`` prints the
+It shows, without spending device time, what a launch costs per score: registers and spills,
+whether K/V tiles load as 16-byte copies or as masked 2-byte loads, and how many special-function
+and other instructions each score takes (an inlined libdevice routine shows up at once). The
+tests use it to guard those properties; ``python -m sbbench.kernels.triton_sb.sass`` prints the
 table for a launch config. (Not under ``TRITON_INTERPRET=1``: interpreted kernels cannot be
 compiled.)
 
@@ -30,8 +30,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sbbench.kernels.triton_sb import DEFAULT_CONFIG, kernels
-from sbbench.kernels.triton_sb.op import config_to_list, CONFIG_FIELDS, launch_options
+from sbbench.kernels.triton_sb import kernels
+from sbbench.kernels.triton_sb.op import launch_options
+from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, config_from_list, config_to_list
 
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
 # Element types of the pointer arguments that are not the inputs' dtype.
@@ -146,11 +147,12 @@ def build(
         raise ValueError(f"kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if dtype not in _TRITON_DTYPES:
         raise ValueError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
-    fields = dict(zip(CONFIG_FIELDS, config_to_list({**DEFAULT_CONFIG, **(config or {})})))
-    options = dict(launch_options(fields, dtype, head_dim, attend_current, varlen)[kernel])
+    # Through the int list, as the custom ops receive it.
+    full = config_from_list(config_to_list(config or {}))
+    constexprs = dict(launch_options(full, dtype, head_dim, attend_current, varlen)[kernel])
     # Compiler options (warps, stages, a register cap) go to triton.compile, the rest are constexprs.
-    compile_options = {name: options.pop(name) for name in ("num_warps", "num_stages", "maxnreg") if name in options}
-    constexprs = {**options, "HEAD_DIM": head_dim}
+    compile_options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
+                       if name in constexprs}
     fn = KERNELS[kernel]
     signature, attrs = _signature(fn, constexprs, _TRITON_DTYPES[dtype])
     compiled = triton.compile(
@@ -164,7 +166,7 @@ def build(
             f.write(compiled.asm["cubin"])
         registers, spill = _resources(path)
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-    scores_per_thread = options["BLOCK_M"] * options["BLOCK_N"] / (32 * compile_options["num_warps"])
+    scores_per_thread = constexprs["BLOCK_M"] * constexprs["BLOCK_N"] / (32 * compile_options["num_warps"])
     return Build(kernel, registers, spill, compiled.metadata.shared, _loops(sass, scores_per_thread), sass)
 
 
@@ -197,9 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     config = {}
     for item in args.config:
         name, _, value = item.partition("=")
-        if name not in DEFAULT_CONFIG:
+        if name not in CONFIG_FIELDS:
             parser.error(f"--config: unknown parameter {name!r}")
-        config[name] = value if name == "scan" else int(value)
+        if name == "scan":
+            config[name] = value
+        elif name == "skip_log2" and value.lower() == "none":
+            config[name] = None
+        else:
+            try:
+                config[name] = int(value)
+            except ValueError:
+                parser.error(f"--config: {name} takes an integer, got {value!r}")
     rows, builds = [], []
     for kernel in KERNELS:
         b = build(kernel, config, dtype=getattr(torch, args.dtype), head_dim=args.head_dim, arch=args.arch)

@@ -41,12 +41,31 @@ class BackendFn(Protocol):
 
 
 @dataclass(frozen=True)
+class Rule:
+    """What makes a parameter's value valid: a test, and its wording, which completes
+    "config: <name> must be ..." in the error raised when the test fails."""
+
+    holds: Callable[[Any], bool]
+    text: str
+
+
+@dataclass(frozen=True)
 class Param:
-    """One tunable launch parameter: its name, the values it may take, the pass it governs."""
+    """One tunable launch parameter: its name, the values the tuner tries (``choices``), the pass
+    it governs, and optionally its default value and the rule any value must meet (a value
+    outside ``choices`` may still be valid: the choices are what is worth trying, not all that
+    runs)."""
 
     name: str
     choices: tuple[Any, ...]
     pass_: Pass = "fwd"
+    default: Any = None
+    rule: Rule | None = None
+
+    def check(self, value: Any) -> None:
+        """Raise ``ValueError`` naming the parameter when ``value`` breaks its rule."""
+        if self.rule is not None and not self.rule.holds(value):
+            raise ValueError(f"config: {self.name} must be {self.rule.text}, got {value!r}")
 
 
 @dataclass(frozen=True)

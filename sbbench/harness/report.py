@@ -561,7 +561,7 @@ def _tune_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str],
 
 
 def _header(rows: list[dict[str, Any]], sources: list[_Source], device: str) -> list[str]:
-    fa2 = [r for r in rows if r.get("backend") == "fa2"]
+    comparators = {name: [r for r in rows if r.get("backend") == name] for name in ("fa2", "cudnn")}
     info = [
         ["device", device],
         ["torch", _joined(rows, "torch_version")],
@@ -569,8 +569,9 @@ def _header(rows: list[dict[str, Any]], sources: list[_Source], device: str) -> 
         ["sbbench", _joined(rows, "sbbench_version")],
         ["git commit", _joined(rows, "git_commit")],
     ]
-    if fa2:
-        info.append(["fa2 ran as", _joined(fa2, "implementation")])
+    for name, ran in comparators.items():
+        if ran:
+            info.append([f"{name} ran as", _joined(ran, "implementation")])
     info.append(["generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")])
     files = []
     for s in sources:

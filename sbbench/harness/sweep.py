@@ -68,9 +68,10 @@ DEFAULT_SHAPES = {
     ("cuda", "bench"): _GPU_BENCH, ("cuda", "tune"): _GPU_BENCH, ("cuda", "check"): _GPU_CHECK,
     ("cpu", "bench"): _CPU_BENCH, ("cpu", "tune"): _CPU_BENCH, ("cpu", "check"): _CPU_CHECK,
 }
-# fa2 is the benchmark's baseline; a check reports it beside every row as the anchor instead.
+# fa2 is the benchmark's baseline, with cudnn timed beside it; a check reports fa2 beside every row as
+# the numerics anchor instead.
 DEFAULT_BACKENDS = {
-    ("cuda", "bench"): ["fa2", "triton", "compiled", "chunked"],
+    ("cuda", "bench"): ["fa2", "cudnn", "triton", "compiled", "chunked"],
     ("cuda", "tune"): ["triton", "chunked"],
     ("cuda", "check"): ["triton", "compiled", "chunked"],
     ("cpu", "bench"): ["chunked", "compiled", "triton"],
