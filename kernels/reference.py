@@ -70,7 +70,8 @@ def decode_rows(
     """The formula's rows for decode queries (q (B, H, Tq, D) at positions cache_seqlens[b] + t)
     over the cache: one sequence at a time, each upcast alone to ``compute_dtype`` (default q's),
     so the float64 oracle of a long cache never holds a float64 copy of the whole cache. GQA by
-    folding a kv head's query heads into rows; o (B, H, Tq, D) and rem (B, H, Tq) in q's dtype."""
+    folding a kv head's query heads into rows; o (B, H, Tq, D) and rem (B, H, Tq) in
+    ``compute_dtype`` when given, else in q's dtype."""
     batch, heads, new_tokens, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     dtype = compute_dtype or q.dtype
@@ -84,7 +85,7 @@ def decode_rows(
         weights, rem = stick_breaking_weights(z, attend_current, keep)
         outs.append(torch.matmul(weights, vb).reshape(heads, new_tokens, head_dim))
         rems.append(rem.reshape(heads, new_tokens))
-    return torch.stack(outs).to(q.dtype), torch.stack(rems).to(q.dtype)
+    return torch.stack(outs).to(dtype), torch.stack(rems).to(dtype)
 
 
 @register_backend(

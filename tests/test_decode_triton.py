@@ -36,9 +36,7 @@ def decode_inputs(tq, dtype, device, lengths=LENGTHS, capacity=80, scale=1.0, se
 def assert_within_budget(q, k_cache, v_cache, lengths, attend_current, config):
     got = sb_attn_with_kvcache(q, k_cache, v_cache, lengths, None, attend_current, backend="triton", config=config)
     inv_temp = q.shape[-1] ** -0.5
-    ref64 = tuple(
-        decode_rows(*(x.double() for x in (q, k_cache, v_cache)), lengths, inv_temp, attend_current)
-    )
+    ref64 = decode_rows(q, k_cache, v_cache, lengths, inv_temp, attend_current, compute_dtype=torch.float64)
     pt = decode_rows(q, k_cache, v_cache, lengths, inv_temp, attend_current)
     for name, x, ref, low in zip(("o", "rem"), got, ref64, pt):
         assert x.dtype == q.dtype and x.shape == ref.shape
