@@ -265,6 +265,68 @@ def chunked_dense(
     return _ChunkedSB.apply(q, k, v, float(inv_temp), bool(attend_current), fwd_bq, fwd_bk, bwd_bq, bwd_bk)
 
 
+# Decode (sb_attn_with_kvcache): the cache of each sequence in ``num_splits`` contiguous splits,
+# each computed with a fresh stick and merged nearest first. One split is the plain formula; more
+# splits is how the GPU kernels spread one sequence over many programs, and this path is their
+# executable specification on the CPU (it is fastest with one split there).
+DECODE_CONFIG_SPACE = (Param("num_splits", (1, 2, 4, 8, 16, 32), "decode"),)
+DECODE_DEFAULT_CONFIG = {"num_splits": 4}
+
+
+def split_bounds(keys: int, num_splits: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each non-empty split of ``keys`` keys into ``num_splits`` near-equal parts,
+    farthest first."""
+    cuts = [keys * i // num_splits for i in range(num_splits + 1)]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+
+
+def _split_partial(
+    qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split with a fresh stick: (o_split, log rem_split) for rows qs (already scaled by
+    inv_temp) over keys k, v (sequence order) where ``keep`` (rows, keys) says what each row sees."""
+    z = torch.matmul(qs, k.transpose(-1, -2))
+    sp = _softplus(z).masked_fill(~keep, 0.0)
+    # Sum of sp over the split's keys nearer than each key (exclusive suffix sum).
+    nearer = torch.flip(F.pad(torch.flip(sp, (-1,))[..., :-1].cumsum(-1), (1, 0)), (-1,))
+    weights = torch.exp(F.logsigmoid(z) - nearer).masked_fill(~keep, 0.0)
+    return torch.matmul(weights, v), -sp.sum(-1, keepdim=True, dtype=torch.float64)
+
+
+def split_kv_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    inv_temp: float, attend_current: bool, *, config: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV decode in PyTorch: per sequence, its keys in ``num_splits`` splits, merged
+    nearest first as ``o = o_near + rem_near * o_far``, ``log rem = log rem_near + log rem_far``
+    (the log-stick in float64). Accumulates in float32 (float64 for float64 input)."""
+    from sbbench.kernels.reference import decode_keep
+
+    num_splits = (config or DECODE_DEFAULT_CONFIG).get("num_splits", DECODE_DEFAULT_CONFIG["num_splits"])
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"config: num_splits must be a positive int, got {num_splits!r}")
+    batch, heads, new_tokens, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    acc = _acc_dtype(q.dtype)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    rem = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
+    for b, cached in enumerate(cache_seqlens.tolist()):
+        keys = cached + new_tokens - 1 + int(attend_current)
+        qs = (q[b].to(acc) * inv_temp).reshape(kv_heads, group * new_tokens, head_dim)
+        keep = decode_keep(cached, new_tokens, keys, attend_current, q.device).repeat(group, 1)
+        o_acc = torch.zeros(qs.shape, dtype=acc, device=q.device)
+        log_rem = torch.zeros((kv_heads, group * new_tokens, 1), dtype=torch.float64, device=q.device)
+        for lo, hi in reversed(split_bounds(keys, num_splits)):
+            kb, vb = k_cache[b, :, lo:hi].to(acc), v_cache[b, :, lo:hi].to(acc)
+            o_split, log_rem_split = _split_partial(qs, kb, vb, keep[:, lo:hi])
+            o_acc += torch.exp(log_rem).to(acc) * o_split
+            log_rem += log_rem_split
+        o[b] = o_acc.reshape(heads, new_tokens, head_dim).to(q.dtype)
+        rem[b] = torch.exp(log_rem).reshape(heads, new_tokens).to(q.dtype)
+    return o, rem
+
+
 @register_backend(
     "chunked",
     description="pure PyTorch, blockwise over queries and keys, recomputing backward; O(T) extra memory",
@@ -272,6 +334,9 @@ def chunked_dense(
     config_space=CONFIG_SPACE,
     default_config=DEFAULT_CONFIG,
     tuned_config=tuned_config_hook("chunked", _PARAM_PASSES),
+    decode=split_kv_decode,
+    decode_config_space=DECODE_CONFIG_SPACE,
+    decode_default_config=DECODE_DEFAULT_CONFIG,
 )
 def chunked(
     q: torch.Tensor,

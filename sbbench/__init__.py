@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from sbbench.api import sb_attn  # noqa: E402
+from sbbench.api import sb_attn, sb_attn_with_kvcache  # noqa: E402
 from sbbench.core.registry import Backend, all_backends, backend_names, get_backend, register_backend  # noqa: E402
 
-__all__ = ["sb_attn", "Backend", "all_backends", "backend_names", "get_backend", "register_backend", "__version__"]
+__all__ = ["sb_attn", "sb_attn_with_kvcache", "Backend", "all_backends", "backend_names", "get_backend", "register_backend", "__version__"]

@@ -1,4 +1,4 @@
-"""``sb_attn``: the one interface every stick-breaking backend serves."""
+"""``sb_attn`` and ``sb_attn_with_kvcache``: the interfaces every stick-breaking backend serves."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
+from sbbench.core.decode_problem import validate_decode
 from sbbench.core.problem import validate
 from sbbench.core.registry import get_backend, select_auto
 
@@ -67,3 +68,71 @@ def sb_attn(
         max_seqlen=max_seqlen,
         config=resolved,
     )
+
+
+def sb_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    inv_temp: float | None = None,
+    attend_current: bool = False,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    backend: str = "auto",
+    config: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stick-breaking attention of a few new queries over a KV cache (decoding).
+
+    Query t of sequence b sits at position ``cache_seqlens[b] + t`` and attends causally to the
+    cache: keys before it (itself too with ``attend_current``). The result is exactly those rows
+    of ``sb_attn`` on the whole sequence.
+
+    Args:
+        q: (B, H, Tq, D), Tq >= 1 new queries per sequence. Any strides.
+        k_cache, v_cache: (B, H_kv, S_max, D), ``H % H_kv == 0`` (GQA as in ``sb_attn``). Any
+            strides (last dim contiguous is fastest).
+        cache_seqlens: int32 (B,), the tokens already in each sequence's cache.
+        inv_temp: logit scale, default ``1/sqrt(D)``.
+        attend_current: whether a query attends to its own key.
+        k, v: optional (B, H_kv, Tq, D) new keys and values, written in place into the caches at
+            positions ``cache_seqlens[b] .. cache_seqlens[b] + Tq - 1`` before the queries attend
+            (FlashAttention's ``flash_attn_with_kvcache`` convention). ``cache_seqlens`` is not
+            advanced: the caller adds Tq for the next step.
+        backend: a registered backend with a decode entry point (``sbbench list``) or ``"auto"``.
+        config: decode launch parameters over the backend's default.
+
+    Returns:
+        ``(o, rem)``: o (B, H, Tq, D) and rem (B, H, Tq), in q's dtype. Not differentiable
+        through the Triton kernel (inference only); ``reference`` keeps autograd.
+
+    Every argument is checked before the cache is written, so a bad call leaves it untouched.
+    """
+    problem = validate_decode(q, k_cache, v_cache, cache_seqlens, inv_temp, attend_current, k, v)
+    chosen = select_auto(problem, decode=True) if backend == "auto" else get_backend(backend)
+    if chosen.kind != "stickbreaking":
+        raise ValueError(f"backend: {chosen.name!r} is a {chosen.kind} comparator, not stick-breaking attention")
+    reason = chosen.decode_unsupported_reason(problem)
+    if reason is not None:
+        raise ValueError(f"backend: {chosen.name!r} cannot decode this input: {reason}")
+    resolved = chosen.resolve_decode_config(problem, config) if (chosen.decode_config_space or config) else None
+    if k is not None:
+        append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+    return chosen.decode(q, k_cache, v_cache, cache_seqlens, problem.inv_temp, attend_current, config=resolved)
+
+
+def append_to_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Write k, v (B, H_kv, Tq, D) into the caches at ``cache_seqlens[b] + t``, in place.
+
+    One indexed write per cache, whatever the strides, with no host synchronisation (so it can
+    be captured in a CUDA graph). Arguments are trusted: ``sb_attn_with_kvcache`` checked them.
+    """
+    batch, _, new_tokens, _ = k.shape
+    positions = cache_seqlens.long()[:, None] + torch.arange(new_tokens, device=k.device)  # (B, Tq)
+    rows = torch.arange(batch, device=k.device)[:, None]
+    # Advanced indices on dims 0 and 2 around a slice: the indexed view is (B, Tq, H_kv, D).
+    k_cache[rows, :, positions] = k.transpose(1, 2)
+    v_cache[rows, :, positions] = v.transpose(1, 2)

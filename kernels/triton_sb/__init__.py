@@ -13,7 +13,7 @@ import os
 import torch
 
 from sbbench.core.problem import AttnProblem
-from sbbench.core.registry import register_backend
+from sbbench.core.registry import Param, register_backend
 from sbbench.core.tuned import tuned_config_hook
 from sbbench.kernels.triton_sb.limits import launch_filter
 from sbbench.kernels.triton_sb.params import CONFIG_SPACE, DEFAULT_CONFIG, check_config, config_to_list
@@ -82,6 +82,52 @@ def _skipped_fraction(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max
     return skipped_fraction_of(stop, cu_seqlens, 0 if cu_seqlens is not None else q.shape[2], attend_current)
 
 
+# Decode (sb_attn_with_kvcache, kernels/triton_sb/decode.py): its own launch parameters.
+DECODE_CONFIG_SPACE = (
+    # Splits per (sequence, kv head, row tile); 0: enough to fill one wave of the GPU.
+    Param("num_splits", (0, 1, 2, 4, 8, 16, 32, 64), "decode"),
+    # Query rows per program (a GQA group times Tq, padded to at least 16 for tl.dot).
+    Param("BLOCK_M", (16, 32, 64), "decode"),
+    Param("BLOCK_N", (32, 64, 128), "decode"),
+    Param("num_warps", (2, 4, 8), "decode"),
+    Param("num_stages", (1, 2, 3, 4, 5), "decode"),
+    Param("skip_log2", (-40, -30, -24, -20, -16, -12), "decode"),
+    Param("skip_check_keys", (64, 128, 256, 512, 1024), "decode"),
+    Param("skip_checks", (1, 2, 3), "decode"),
+)
+# A 64-key tile with 3 stages keeps ~100 KB of K and V in flight per program, two programs per
+# SM: enough to cover HBM latency at decode's one-pass reads. One skip check, after 128 keys:
+# random-like logits use up the stick within tens of keys, and every check ends a pipelined loop.
+DECODE_DEFAULT_CONFIG = {
+    "num_splits": 0, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+    "skip_log2": -30, "skip_check_keys": 128, "skip_checks": 1,
+}
+
+
+def _decode_config_list(config) -> list[int]:
+    from sbbench.kernels.triton_sb.decode import decode_config_to_list
+
+    return decode_config_to_list({**DECODE_DEFAULT_CONFIG, **(config or {})})
+
+
+def triton_sb_decode(q, k_cache, v_cache, cache_seqlens, inv_temp, attend_current, *, config=None):
+    """The ``triton`` backend's decode entry point: inputs already validated (and any new k/v
+    appended) by ``sb_attn_with_kvcache``."""
+    from sbbench.kernels.triton_sb.decode import triton_sb_decode as launch
+
+    o, rem, _ = launch(q, k_cache, v_cache, cache_seqlens, float(inv_temp), bool(attend_current), _decode_config_list(config))
+    return o, rem
+
+
+def _decode_skipped_fraction(q, k_cache, v_cache, cache_seqlens, inv_temp, attend_current, *, config=None) -> float:
+    from sbbench.kernels.triton_sb.decode import skipped_fraction_of, triton_sb_decode as launch
+
+    with torch.no_grad():
+        _, _, skipped = launch(q, k_cache, v_cache, cache_seqlens, float(inv_temp), bool(attend_current),
+                               _decode_config_list(config))
+    return skipped_fraction_of(skipped, cache_seqlens, q, k_cache, attend_current)
+
+
 register_backend(
     "triton",
     description="flash-style Triton kernel: fwd+bwd, block skipping, GQA, varlen",
@@ -100,4 +146,8 @@ register_backend(
                                    validate=_check_config, tuned_devices=("cuda",)),
     skipped_fraction=_skipped_fraction,
     launch_filter=launch_filter,
+    decode=triton_sb_decode,
+    decode_config_space=DECODE_CONFIG_SPACE,
+    decode_default_config=DECODE_DEFAULT_CONFIG,
+    decode_skipped_fraction=_decode_skipped_fraction,
 )(triton_sb_attn)

@@ -48,6 +48,34 @@ def _check_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
+def check_like_q(q: object, attend_current: object, **others: object) -> tuple[torch.Tensor, ...]:
+    """q and ``others`` (by argument name) checked as floating-point tensors of q's dtype on q's
+    device, and ``attend_current`` as a bool; returns q and the others in order."""
+    q = _check_tensor("q", q)
+    checked = [q]
+    for name, x in others.items():
+        x = _check_tensor(name, x)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} does not match q's dtype {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: on device {x.device}, but q is on {q.device}")
+        checked.append(x)
+    if not isinstance(attend_current, bool):
+        raise TypeError(f"attend_current: expected a bool, got {type(attend_current).__name__}")
+    return tuple(checked)
+
+
+def resolve_inv_temp(inv_temp: float | None, head_dim: int) -> float:
+    """``inv_temp`` checked, or its default ``1/sqrt(head_dim)``."""
+    if inv_temp is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(inv_temp, bool) or not isinstance(inv_temp, (int, float)):
+        raise TypeError(f"inv_temp: expected a float or None, got {type(inv_temp).__name__}")
+    if not math.isfinite(inv_temp):
+        raise ValueError(f"inv_temp: expected a finite number, got {inv_temp}")
+    return float(inv_temp)
+
+
 def validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,14 +86,7 @@ def validate(
     max_seqlen: int | None,
 ) -> AttnProblem:
     """Check the arguments of ``sb_attn`` and describe the call."""
-    q, k, v = _check_tensor("q", q), _check_tensor("k", k), _check_tensor("v", v)
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}: dtype {x.dtype} does not match q's dtype {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name}: on device {x.device}, but q is on {q.device}")
-    if not isinstance(attend_current, bool):
-        raise TypeError(f"attend_current: expected a bool, got {type(attend_current).__name__}")
+    q, k, v = check_like_q(q, attend_current, k=k, v=v)
 
     varlen = cu_seqlens is not None
     expected_ndim = 3 if varlen else 4
@@ -95,12 +116,7 @@ def validate(
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k: batch {k.shape[0]} does not match q's batch {q.shape[0]}")
 
-    if inv_temp is None:
-        inv_temp = 1.0 / math.sqrt(head_dim)
-    elif isinstance(inv_temp, bool) or not isinstance(inv_temp, (int, float)):
-        raise TypeError(f"inv_temp: expected a float or None, got {type(inv_temp).__name__}")
-    elif not math.isfinite(inv_temp):
-        raise ValueError(f"inv_temp: expected a finite number, got {inv_temp}")
+    inv_temp = resolve_inv_temp(inv_temp, head_dim)
 
     if varlen:
         batch, seqlen, total = _check_cu_seqlens(cu_seqlens, max_seqlen, q)

@@ -3,8 +3,9 @@
 Every implementation of the operator (and every comparator that is not stick-breaking) is a
 :class:`Backend` registered here with :func:`register_backend`. A backend declares what it
 supports and, when it does not, says why; it names its tunable launch parameters (its config
-space) and its default config. The CLI, the harness and the tuner reach implementations only
-through this module, so a new backend is one new decorated function.
+space) and its default config; one that decodes from a KV cache also gives its ``decode``
+entry point and that entry point's own config space. The CLI, the harness and the tuner reach
+implementations only through this module, so a new backend is one new decorated function.
 
 A user's own implementation plugs in by import path (``"mypkg.module:function"``) wherever a
 backend name is accepted; see :func:`get_backend`.
@@ -20,7 +21,7 @@ import torch
 
 from sbbench.core.problem import AttnProblem
 
-Pass = Literal["fwd", "bwd"]
+Pass = Literal["fwd", "bwd", "decode"]
 
 
 class BackendFn(Protocol):
@@ -36,6 +37,24 @@ class BackendFn(Protocol):
         *,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class DecodeFn(Protocol):
+    """How a backend decodes from a KV cache: like ``sb_attn_with_kvcache`` with ``inv_temp``
+    resolved and any new k/v already appended. Query t of sequence b sits at position
+    ``cache_seqlens[b] + t``."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        inv_temp: float,
+        attend_current: bool,
+        *,
         config: Mapping[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -110,6 +129,16 @@ class Backend:
     # before anything is built; None when it is worth launching. The tuner never launches a
     # config this rejects.
     launch_filter: Callable[[AttnProblem, Mapping[str, Any], Mapping[str, Any]], str | None] | None = None
+    # Decoding from a KV cache (``sb_attn_with_kvcache``): the entry point (None: the backend
+    # has none), its own launch parameters (Params with pass_ "decode") and their defaults, and
+    # like ``skipped_fraction``, a probe called like ``decode`` returning the fraction of the
+    # cache's keys it did not read.
+    decode: DecodeFn | None = None
+    decode_config_space: tuple[Param, ...] = ()
+    decode_default_config: Mapping[str, Any] = field(default_factory=dict)
+    decode_skipped_fraction: Callable[..., float] | None = None
+    # Optional hook filling decode configs from tuned files (keys: batch, cache-length bucket).
+    decode_tuned_config: Callable[[AttnProblem], Mapping[str, Any]] | None = None
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine, or None when it can."""
@@ -141,6 +170,12 @@ class Backend:
             return self.extra_check(problem)
         return None
 
+    def decode_unsupported_reason(self, problem: AttnProblem) -> str | None:
+        """Why this backend cannot decode ``problem`` (a ``DecodeProblem``), or None when it can."""
+        if self.decode is None:
+            return "has no KV-cache decode entry point"
+        return self.unsupported_reason(problem)
+
     def params(self, pass_: Pass | None = None) -> tuple[Param, ...]:
         """The config space, or the part of it that governs one pass."""
         return tuple(p for p in self.config_space if pass_ is None or p.pass_ == pass_)
@@ -153,21 +188,37 @@ class Backend:
         Unknown keys in ``config`` raise ``ValueError`` naming the argument.
         """
         known = {p.name for p in self.config_space} | set(self.default_config)
-        if config is not None:
-            if not isinstance(config, Mapping):
-                raise TypeError(f"config: expected a dict of launch parameters, got {type(config).__name__}")
-            unknown = sorted(set(config) - known)
-            if unknown:
-                raise ValueError(
-                    f"config: backend {self.name!r} has no parameter(s) {unknown}; "
-                    f"its parameters are {sorted(known)}"
-                )
+        self._check_config_keys(config, known)
         merged = dict(self.default_config)
         if problem is not None and self.tuned_config is not None and (config is None or set(config) != known):
             merged.update(self.tuned_config(problem))
         if config is not None:
             merged.update(config)
         return merged
+
+    def resolve_decode_config(
+        self, problem: AttnProblem | None, config: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Decode default config, overlaid with the tuned one for ``problem``, then ``config``
+        (unknown keys: ``ValueError`` naming the argument)."""
+        known = {p.name for p in self.decode_config_space} | set(self.decode_default_config)
+        self._check_config_keys(config, known)
+        merged = dict(self.decode_default_config)
+        if problem is not None and self.decode_tuned_config is not None:
+            merged.update(self.decode_tuned_config(problem))
+        return {**merged, **(config or {})}
+
+    def _check_config_keys(self, config: Mapping[str, Any] | None, known: set[str]) -> None:
+        if config is None:
+            return
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a dict of launch parameters, got {type(config).__name__}")
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"config: backend {self.name!r} has no parameter(s) {unknown}; "
+                f"its parameters are {sorted(known)}"
+            )
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -260,14 +311,15 @@ def parse_backend_list(spec: str | Sequence[str]) -> list[Backend]:
     return [get_backend(n) for n in names]
 
 
-def select_auto(problem: AttnProblem) -> Backend:
-    """The preferred backend that supports ``problem``; never fails for lack of a GPU."""
+def select_auto(problem: AttnProblem, *, decode: bool = False) -> Backend:
+    """The preferred backend that supports ``problem`` (with ``decode``: that decodes it from a
+    KV cache); never fails for lack of a GPU."""
     candidates = [b for b in all_backends() if b.auto_priority is not None and b.kind == "stickbreaking"]
     reasons = []
     for backend in sorted(candidates, key=lambda b: b.auto_priority):
         if backend.auto_devices is not None and problem.device_type not in backend.auto_devices:
             continue
-        reason = backend.unsupported_reason(problem)
+        reason = backend.decode_unsupported_reason(problem) if decode else backend.unsupported_reason(problem)
         if reason is None:
             return backend
         reasons.append(f"{backend.name}: {reason}")

@@ -23,6 +23,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_case_fields(case: object, positive: tuple[str, ...]) -> None:
+    """A case's fields named in ``positive`` are positive ints, its kv heads divide its heads,
+    and its dtype is known; errors name the CLI flag (``kv-heads``)."""
+    for name in positive:
+        value = getattr(case, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name.replace('_', '-')}: expected a positive int, got {value!r}")
+    if case.heads % case.kv_heads:
+        raise ValueError(f"kv-heads: {case.kv_heads} does not divide heads {case.heads}")
+    dtype_from_name(case.dtype)
+
+
 @dataclass(frozen=True)
 class Case:
     """Shape and kind of one input. ``varlen`` packs ``batch`` sequences of ragged lengths whose
@@ -38,13 +50,7 @@ class Case:
     varlen: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch", "heads", "kv_heads", "seqlen", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')}: expected a positive int, got {value!r}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"kv-heads: {self.kv_heads} does not divide heads {self.heads}")
-        dtype_from_name(self.dtype)
+        check_case_fields(self, ("batch", "heads", "kv_heads", "seqlen", "head_dim"))
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -164,6 +164,20 @@ def _errors(x: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float, int]:
     return err_max, err_rel, nonfinite
 
 
+def budget_metrics(x: torch.Tensor, ref64: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """Errors of ``x`` against the float64 oracle ``ref64`` and FlashAttention-2's budget, with
+    ``low`` the reference computed in ``dtype``: err_max, err_rel_fro, nonfinite, err_pt,
+    atol_floor, budget = 2 err_pt + atol_floor, and passed (finite and err_max <= budget)."""
+    err_max, err_rel, nonfinite = _errors(x, ref64)
+    err_pt = _errors(low, ref64)[0]
+    floor = atol_floor(dtype, ref64)
+    budget = 2.0 * err_pt + floor
+    return {
+        "err_max": err_max, "err_rel_fro": err_rel, "nonfinite": nonfinite, "err_pt": err_pt, "atol_floor": floor,
+        "budget": budget, "passed": nonfinite == 0 and err_max <= budget,
+    }
+
+
 def _fa2_anchor(
     problem: AttnProblem, call_inputs: Mapping[str, Any], upstream_o: torch.Tensor, with_grads: bool,
     device: torch.device,
@@ -304,11 +318,9 @@ def check_case(
         if contract is not None:
             rows.append(row(name, **fields, status="error", passed=False, error=contract))
             continue
-        err_max, err_rel, nonfinite = _errors(x, ref)
-        err_pt = _errors(pt[name], ref)[0]
-        floor = atol_floor(case.torch_dtype, ref)
-        budget = 2.0 * err_pt + floor
-        passed = nonfinite == 0 and err_max <= budget
+        metrics = budget_metrics(x, ref, pt[name], case.torch_dtype)
+        err_max, err_rel, err_pt = metrics["err_max"], metrics["err_rel_fro"], metrics["err_pt"]
+        floor, budget, nonfinite, passed = metrics["atol_floor"], metrics["budget"], metrics["nonfinite"], metrics["passed"]
         if not math.isfinite(err_pt):
             # The low-precision reference itself overflowed: there is no budget to judge by.
             passed = None

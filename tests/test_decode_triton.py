@@ -1,0 +1,118 @@
+"""The Triton decode kernel (kernels/triton_sb/decode.py) against the float64 oracle.
+
+On a CPU these run in the Triton interpreter, in float32 and float16 (the interpreter's bf16
+tl.dot is wrong); bf16 and long caches run on a GPU (marked ``gpu``). Tolerance: the project's
+budget (FlashAttention-2's rule, sbbench.harness.check): max error <= 2 * err_pt + atol_floor,
+err_pt being the error of the reference computed in the kernel's own dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sbbench import sb_attn_with_kvcache
+from sbbench.harness.check import atol_floor
+from sbbench.kernels.reference import decode_rows
+
+from tests.test_decode import whole_sequence_rows
+
+H, HKV, D = 4, 2, 32
+LENGTHS = (0, 1, 9, 70)  # ragged in one batch: empty, a single token, within a block, many blocks
+SMALL = {"BLOCK_N": 16, "skip_check_keys": 16}
+
+
+def decode_inputs(tq, dtype, device, lengths=LENGTHS, capacity=80, scale=1.0, seed=0):
+    """Non-contiguous q and caches ((B, T, H, D) memory seen as (B, H, T, D), q with a head to
+    spare so Tq = 1 is strided too)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    q = scale * torch.randn(batch, tq, H + 1, D, generator=gen)[:, :, 1:].transpose(1, 2)
+    k_cache = scale * torch.randn(batch, capacity, HKV, D, generator=gen).transpose(1, 2)
+    v_cache = torch.randn(batch, capacity, HKV, D, generator=gen).transpose(1, 2)
+    q, k_cache, v_cache = (x.to(device, dtype) for x in (q, k_cache, v_cache))
+    return q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32, device=device)
+
+
+def assert_within_budget(q, k_cache, v_cache, lengths, attend_current, config):
+    got = sb_attn_with_kvcache(q, k_cache, v_cache, lengths, None, attend_current, backend="triton", config=config)
+    inv_temp = q.shape[-1] ** -0.5
+    ref64 = decode_rows(q, k_cache, v_cache, lengths, inv_temp, attend_current, compute_dtype=torch.float64)
+    pt = decode_rows(q, k_cache, v_cache, lengths, inv_temp, attend_current)
+    for name, x, ref, low in zip(("o", "rem"), got, ref64, pt):
+        assert x.dtype == q.dtype and x.shape == ref.shape
+        assert torch.isfinite(x).all(), f"{name}: NaN/Inf"
+        err = (x.double() - ref).abs().max().item()
+        budget = 2 * (low.double() - ref).abs().max().item() + atol_floor(q.dtype, ref)
+        assert err <= budget, f"{name}: err {err:.3g} over budget {budget:.3g}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("attend_current", [False, True])
+@pytest.mark.parametrize("config", [{**SMALL, "num_splits": 1}, {**SMALL, "num_splits": 3}], ids=["one_split", "splits"])
+def test_matches_oracle_within_budget(dtype, tq, attend_current, config, device):
+    assert_within_budget(*decode_inputs(tq, dtype, device), attend_current, config)
+
+
+def test_default_config_and_rows_of_sb_attn(device):
+    # The default launch (auto splits, 64-key tiles) against sb_attn's rows on whole sequences.
+    q, k_cache, v_cache, lengths = decode_inputs(3, torch.float32, device)
+    got = assert_within_budget(q, k_cache, v_cache, lengths, True, None)
+    want = whole_sequence_rows(*(x.double().cpu() for x in (q, k_cache, v_cache)), lengths.cpu(), True)
+    for x, ref in zip(got, want):
+        assert (x.double().cpu() - ref).abs().max().item() < 1e-5
+
+
+def test_skipping_stops_far_splits_and_keeps_the_result(device):
+    # randn logits use the stick up within tens of keys: far splits and blocks are skipped.
+    from sbbench.core.registry import get_backend
+
+    q, k_cache, v_cache, lengths = decode_inputs(1, torch.float32, device, lengths=(150, 200), capacity=200, scale=2.0)
+    inv_temp = D ** -0.5
+    backend = get_backend("triton")
+    config = {**SMALL, "num_splits": 4, "skip_log2": -12}
+    skipped = backend.decode_skipped_fraction(q, k_cache, v_cache, lengths, inv_temp, False, config=config)
+    assert skipped > 0.5, skipped
+    off = {**config, "skip_log2": None}
+    assert backend.decode_skipped_fraction(q, k_cache, v_cache, lengths, inv_temp, False, config=off) == 0.0
+    o_skip, rem_skip = backend.decode(q, k_cache, v_cache, lengths, inv_temp, False, config=config)
+    o_full, rem_full = backend.decode(q, k_cache, v_cache, lengths, inv_temp, False, config=off)
+    # The dropped weights stay in the stick: off by at most 2^skip_log2 (times max |v|).
+    bound = 2.0**-12 * v_cache.abs().max().item()
+    assert (o_skip - o_full).abs().max().item() <= bound
+    assert (rem_skip - rem_full).abs().max().item() <= 2.0**-12
+
+
+def test_append_then_decode(device):
+    q, k_cache, v_cache, lengths = decode_inputs(3, torch.float32, device)
+    gen = torch.Generator().manual_seed(5)
+    k_new, v_new = (torch.randn(len(LENGTHS), HKV, 3, D, generator=gen).to(device) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    got = sb_attn_with_kvcache(q, k_cache, v_cache, lengths, None, True, k=k_new, v=v_new, backend="triton")
+    want = sb_attn_with_kvcache(q, k_ref, v_ref, lengths, None, True, k=k_new, v=v_new, backend="chunked")
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    for x, ref in zip(got, want):
+        assert (x - ref).abs().max().item() < 1e-5
+
+
+def test_bad_launch_config_names_config(device):
+    q, k_cache, v_cache, lengths = decode_inputs(1, torch.float32, device)
+    for bad in ({"BLOCK_N": 24}, {"num_splits": 1000}, {"skip_log2": 1.5}):
+        with pytest.raises(ValueError, match="^config:"):
+            sb_attn_with_kvcache(q, k_cache, v_cache, lengths, backend="triton", config=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("batch,capacity", [(1, 4096), (16, 2048), (4, 16384)])
+def test_bf16_gpu_within_budget(tq, batch, capacity):
+    gen = torch.Generator(device="cuda").manual_seed(tq * batch)
+    heads, kv_heads, head_dim = 32, 8, 128
+    lengths = torch.randint(0, capacity - tq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    lengths[0] = capacity - tq
+    q = torch.randn(batch, heads, tq, head_dim, generator=gen, device="cuda").bfloat16()
+    k_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=gen, device="cuda").bfloat16()
+    v_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=gen, device="cuda").bfloat16()
+    for attend_current in (False, True):
+        assert_within_budget(q, k_cache, v_cache, lengths, attend_current, None)
