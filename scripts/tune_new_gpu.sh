@@ -31,7 +31,7 @@ fi
 tune() {  # name, then sbbench tune flags
   local name=$1; shift
   local store="sqlite:///$OUT/$name.db"
-  sbbench tune --backend triton --batch 4 --dtype bf16 --regime mixed --seqlens 4096,16384 --minutes "$MINUTES" \
+  sbbench tune --backend triton --batch 4 --dtype bf16 --seqlens 4096,16384 --minutes "$MINUTES" \
     --storage "$store" --json "$OUT/$name.json" --no-progress "$@" 2>&1 | tee "$OUT/$name.log" | tail -8
   sbbench export --storage "$store" --out "$OUT/configs_$name" --min-speedup 1.02 2>&1 | tail -6
 }
@@ -45,9 +45,9 @@ for stage in "$@"; do
     bench_tuned)
       for dir in ${CONFIGS:-}; do export SBBENCH_CONFIG_DIR="${SBBENCH_CONFIG_DIR:+$SBBENCH_CONFIG_DIR:}$OUT/$dir"; done
       echo "SBBENCH_CONFIG_DIR=${SBBENCH_CONFIG_DIR:-}"
-      sbbench bench --backends fa2,${EXTRA_BACKENDS:-}triton --mode fwd,fwdbwd --batch 4 --heads 24 --head-dim 64 \
+      sbbench bench --backends fa2,cudnn,triton --mode fwd,fwdbwd --batch 4 --heads 24 --head-dim 64 \
         --seqlens ${SEQLENS:-4096,16384} --dtype bf16 --regime dense --json "$OUT/bench_tuned_d64.json" 2>&1 | tail -12
-      sbbench bench --backends fa2,${EXTRA_BACKENDS:-}triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
+      sbbench bench --backends fa2,cudnn,triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
         --seqlens ${SEQLENS:-4096,16384} --dtype bf16 --regime dense --json "$OUT/bench_tuned_d128.json" 2>&1 | tail -12
       ;;
     tpe_grid)
@@ -56,7 +56,7 @@ for stage in "$@"; do
              --space bwd_dkdv_num_warps=4 --space bwd_num_warps=4 --space bwd_dkdv_maxnreg=0)
       for sampler in grid tpe; do
         sbbench tune --backend triton --pass bwd --batch 4 --heads 24 --head-dim 64 --seqlens 16384 --dtype bf16 \
-          --regime mixed --sampler $sampler --no-warm-start "${space[@]}" --storage "sqlite:///$OUT/tpe_grid.db" \
+          --sampler $sampler --no-warm-start "${space[@]}" --storage "sqlite:///$OUT/tpe_grid.db" \
           --json "$OUT/tpe_grid_$sampler.json" --no-progress 2>&1 | tee "$OUT/tpe_grid_$sampler.log" | tail -6
       done
       ;;
