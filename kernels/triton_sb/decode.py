@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from sbbench.kernels.triton_sb.kernels import _fwd_block, _scan_matrix, _zero_stick
-from sbbench.kernels.triton_sb.op import LOG2E, SKIP_OFF, _block_d, _kernel_flags, _last_dim_contiguous
+from sbbench.kernels.triton_sb.op import LOG2E, _block_d, _kernel_flags, _last_dim_contiguous
+from sbbench.kernels.triton_sb.params import SKIP_OFF
 
 # Order of the launch parameters in the int list the custom op takes.
 DECODE_FIELDS = (
@@ -315,7 +316,7 @@ def triton_sb_decode(
     skip = f["skip_log2"] > SKIP_OFF
     threshold = float(-f["skip_log2"]) if skip else 0.0
     split = splits > 1
-    flags = _kernel_flags(q.dtype, 1)
+    flags = _kernel_flags(q.dtype, "dot")
     accurate = flags["ACCURATE"]
     stick_dtype = torch.float64 if accurate else torch.float32
 
