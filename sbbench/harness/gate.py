@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, read_rows
+from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, write_text_atomic
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -222,10 +222,6 @@ def _timing(row: Mapping[str, Any], path: Path, index: int) -> Timing:
     return Timing(float(median), float(lo), float(hi), has_spread)
 
 
-def _key(row: Mapping[str, Any]) -> tuple:
-    return tuple(row.get(c) for c in MATCH_COLUMNS)
-
-
 def _bench_rows(rows: list[dict[str, Any]], path: Path) -> tuple[dict[tuple, Timing], dict[tuple, str]]:
     """Usable timings by key, and for keys with no usable row, why (status and error)."""
     timings: dict[tuple, list[Timing]] = {}
@@ -233,7 +229,7 @@ def _bench_rows(rows: list[dict[str, Any]], path: Path) -> tuple[dict[tuple, Tim
     for index, row in enumerate(rows):
         if row.get("command") != "bench":
             continue
-        key = _key(row)
+        key = match_key(row)
         if row.get("status") == "ok" and row.get("latency_ms") is not None:
             timings.setdefault(key, []).append(_timing(row, path, index))
         else:
@@ -435,12 +431,4 @@ def format_result(result: GateResult, *, show_all: bool = False) -> str:
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
