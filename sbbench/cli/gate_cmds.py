@@ -101,6 +101,8 @@ def report(
     Bench rows give TFLOP/s, speedup over fa2 and peak memory against
     sequence length; check rows a pass/fail summary against the error budget;
     tune rows the best latency against trial. All rows must be of one device.
+    Exit 2, writing nothing, for rows it cannot place (no device, or no
+    bench, check or tune rows at all).
     """
     from sbbench.harness.report import ReportInputError, write_report
 
@@ -111,3 +113,6 @@ def report(
     except OSError as exc:  # disk full, permissions changed under us: the old report stays
         _fail("report", f"--out: cannot write the report ({exc.strerror or exc}: {exc.filename or ''})")
     typer.echo(f"wrote {written.markdown} with {len(written.plots)} plot(s)")
+    for command, count in written.left_out.items():
+        typer.echo(f"note: {count} {command} row(s) left out: the report has sections for bench, check and tune rows",
+                   err=True)
