@@ -26,7 +26,8 @@ JsonOpt = Annotated[Optional[Path], typer.Option(
     "keeps every finished row). An existing file is replaced unless --resume is given.")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Keep the rows already in the --json file and run only the missing ones (matched on "
-    "device, backend, shape, dtype, mode and regime); speedups are recomputed over old and new rows.")]
+    "device, backend, shape, dtype, mode and regime); speedups are recomputed over old and new rows. Failed rows "
+    "count as done: delete them from the file to run them again.")]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write the rows to this CSV file.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed the random inputs (default: fresh every run).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")]
