@@ -8,7 +8,7 @@ import torch
 
 from sbbench.core.decode_problem import validate_decode
 from sbbench.core.problem import validate
-from sbbench.core.registry import get_backend, select_auto
+from sbbench.core.registry import backend_names, get_backend, select_auto
 
 
 def sb_attn(
@@ -46,6 +46,10 @@ def sb_attn(
     Returns:
         ``(o, rem)``: o shaped like q, rem (B, H, T) or (total, H), both in q's dtype. ``rem`` is
         never added to o: callers decide what the leftover stick attends to.
+
+    Raises:
+        ValueError/TypeError naming the argument for bad input; TypeError naming the plug-in
+        when a ``"module:function"`` backend returns anything but such a pair.
     """
     problem = validate(q, k, v, inv_temp, attend_current, cu_seqlens, max_seqlen)
     chosen = select_auto(problem) if backend == "auto" else get_backend(backend)
@@ -58,7 +62,7 @@ def sb_attn(
     if reason is not None:
         raise ValueError(f"backend: {chosen.name!r} cannot run this input: {reason}")
     resolved = chosen.resolve_config(problem, config) if (chosen.config_space or config) else None
-    return chosen.fn(
+    out = chosen.fn(
         q,
         k,
         v,
@@ -68,6 +72,34 @@ def sb_attn(
         max_seqlen=max_seqlen,
         config=resolved,
     )
+    if chosen.name not in backend_names():
+        # A user's "module:function" is held to the contract the built-in backends are tested on,
+        # so a wrong result fails here, naming the plug-in, not somewhere in the caller.
+        check_plugin_result(chosen.name, out, q)
+    return out
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"a {type(x).__name__}"
+
+
+def check_plugin_result(name: str, out: Any, q: torch.Tensor) -> None:
+    """Raise a ``TypeError`` naming plug-in ``name`` unless ``out`` is ``(o, rem)``: two tensors,
+    o shaped like ``q`` and rem like ``q`` without its last dim, both in q's dtype and on its device."""
+    expected = {"o": tuple(q.shape), "rem": tuple(q.shape[:-1])}
+    dtype = str(q.dtype).removeprefix("torch.")
+    contract = (f"expected (o, rem): o of shape {expected['o']} and rem of shape {expected['rem']}, both {dtype} "
+                f"on {q.device}")
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = f"{len(out)} values" if isinstance(out, (tuple, list)) else _describe(out)
+        raise TypeError(f"backend: plug-in {name!r} returned {got}; {contract}")
+    for label, x in zip(("o", "rem"), out):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"backend: plug-in {name!r} returned {_describe(x)} as {label}; {contract}")
+        if tuple(x.shape) != expected[label] or x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(f"backend: plug-in {name!r} returned {_describe(x)} as {label}; {contract}")
 
 
 def sb_attn_with_kvcache(

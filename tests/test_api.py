@@ -376,6 +376,32 @@ def test_bad_plugin_paths(plugin_module, path, exc):
     raises(exc, "backend", sbbench.sb_attn, q, k, v, backend=path)
 
 
+@pytest.mark.parametrize(
+    "fn, says",
+    [
+        ("only_o", "returned a float32 tensor of shape (1, 2, 8, 4) on cpu; expected (o, rem)"),
+        ("three_outputs", "returned 3 values"),
+        ("transposed_o", "of shape (1, 8, 2, 4) on cpu as o"),
+        ("rem_with_head_dim", "of shape (1, 2, 8, 1) on cpu as rem"),
+        ("rem_not_a_tensor", "returned a list as rem"),
+        ("float64_outputs", "returned a float64 tensor"),
+        ("on_meta_device", "on meta as o"),
+    ],
+)
+def test_plugin_result_is_checked(fn, says):
+    """tests/plugins/wrong.py: each returns something other than sb_attn's (o, rem)."""
+    q, k, v = qkv()
+    error = raises(TypeError, "backend", sbbench.sb_attn, q, k, v, backend=f"plugins.wrong:{fn}")
+    assert f"plugins.wrong:{fn}" in str(error) and says in str(error)
+    assert "expected (o, rem): o of shape (1, 2, 8, 4) and rem of shape (1, 2, 8), both float32 on cpu" in str(error)
+
+
+def test_plugin_result_check_takes_varlen_shapes(plugin_module):
+    q, k, v, cu, m = packed()
+    o, rem = sbbench.sb_attn(q, k, v, backend="sb_test_plugin:my_attn", cu_seqlens=cu, max_seqlen=m)
+    assert o.shape == q.shape and rem.shape == q.shape[:-1]
+
+
 def test_config_loader_needs_only_the_standard_library(tmp_path):
     """Another library can copy sbbench/core/config_loader.py alone: it must import and look up
     configs in a process where torch (and sbbench) cannot be imported."""

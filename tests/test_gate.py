@@ -135,23 +135,59 @@ def test_improvement_is_reported_and_passes(tmp_path):
     assert "triton" in line and "T=8192" in line and "-30.0%" in line
 
 
-def test_missing_and_failed_rows_are_listed_and_fail_only_on_request(tmp_path):
+def test_missing_rows_are_listed_and_fail_only_on_request(tmp_path):
     current = grid()
     dropped = current.pop(0)  # fa2 fwd 1024 not measured at all
-    broken = next(r for r in current if r["backend"] == "triton" and r["seqlen"] == 8192 and r["mode"] == "fwd")
-    broken.update(status="error", latency_ms=None, error="CUDA error: out of memory\n  at ...")
+    unsupported = next(r for r in current if r["backend"] == "triton" and r["seqlen"] == 8192 and r["mode"] == "fwd")
+    unsupported.update(status="unsupported", latency_ms=None, error="head dim 128 > 64")
     current.append(bench_row("chunked", 1024))  # new in the current run
     result = gate(tmp_path, grid(), current)
     assert_clean_exit(result, 0)
     missing = [line for line in result.stdout.splitlines() if line.startswith(MISSING_CURRENT)]
     assert len(missing) == 2
     assert any("fa2" in line and "T=1024" in line and "not measured" in line for line in missing)
-    assert any("T=8192" in line and "error: CUDA error: out of memory" in line for line in missing)
+    assert any("T=8192" in line and "unsupported: head dim 128 > 64" in line for line in missing)
     assert any(line.startswith(MISSING_BASELINE) and "chunked" in line for line in result.stdout.splitlines())
     assert dropped["backend"] == "fa2"
 
     strict = gate(tmp_path, grid(), current, "--fail-on-missing")
     assert_clean_exit(strict, 1)
+
+
+@pytest.mark.parametrize("status, error", [
+    ("oom", "CUDA out of memory. Tried to allocate 6.00 GiB"),
+    ("error", "CUDA error: an illegal memory access was encountered\n  at ..."),
+    ("failed", None),
+])
+def test_ok_row_that_broke_is_a_regression_by_default(tmp_path, status, error):
+    current = grid()
+    broken = next(r for r in current if r["backend"] == "triton" and r["seqlen"] == 8192 and r["mode"] == "fwdbwd")
+    broken.update(status=status, latency_ms=None, latency_q20_ms=None, latency_q80_ms=None, error=error)
+    result = gate(tmp_path, grid(), current, "--json", str(tmp_path / "gate.json"))
+    assert_clean_exit(result, 1)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("REGRESSION")]
+    assert "triton" in line and "fwdbwd" in line and "T=8192" in line and f"ok in baseline, now {status}" in line
+    if error:
+        assert error.splitlines()[0][:40] in line
+    assert "1 regression," in result.stdout and "gate: FAIL" in result.stdout
+    verdict = json.loads((tmp_path / "gate.json").read_text())
+    assert verdict["verdict"] == "fail" and verdict["counts"][REGRESSION] == 1
+
+    allowed = gate(tmp_path, grid(), current, "--allow-error")
+    assert_clean_exit(allowed, 0)
+    assert any(line.startswith(MISSING_CURRENT) and f"current row {status}" in line
+               for line in allowed.stdout.splitlines())
+    settings = tmp_path / "gate.toml"
+    settings.write_text("[gate]\nfail_on_error = false\n")
+    assert_clean_exit(gate(tmp_path, grid(), current, "--settings", str(settings)), 0)
+
+
+def test_fail_on_error_must_be_a_bool(tmp_path):
+    settings = tmp_path / "gate.toml"
+    settings.write_text("[gate]\nfail_on_error = 1\n")
+    result = gate(tmp_path, grid(), grid(), "--settings", str(settings))
+    assert_clean_exit(result, 2)
+    assert "fail_on_error: expected true or false" in result.output
 
 
 def test_min_delta_floor_and_duplicates():

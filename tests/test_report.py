@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from sbbench.cli import app
 from sbbench.core.results import make_row, write_rows
+from sbbench.harness import plots as plots_mod
 from sbbench.harness import report as report_mod
 from sbbench.harness.report import ReportInputError, write_report
 
@@ -166,7 +167,7 @@ def test_failure_while_rendering_leaves_previous_report(tmp_path, results, monke
     def broken(*args, **kwargs):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(report_mod, "_tune_figure", broken)
+    monkeypatch.setattr(plots_mod, "tune_figure", broken)
     with pytest.raises(RuntimeError, match="plotting failed"):
         write_report(results, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written, no staging left
@@ -205,3 +206,121 @@ def test_mixed_devices_refused(tmp_path, results):
         write_report([results[0], other], tmp_path / "out")
     result = runner.invoke(app, ["report", str(results[0]), str(other), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "A100" in result.stderr
+
+
+# --- rows the report cannot place ---------------------------------------------------------------
+
+
+def test_rows_without_a_device_are_refused(tmp_path):
+    placeless = tmp_path / "placeless.json"
+    write_rows(placeless, [dict(r, device=None) for r in bench_rows()])
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["report", str(placeless), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "placeless.json" in result.stderr and "7 of its 7 rows name no device" in result.stderr
+    assert not out.exists() and "Traceback" not in result.output
+
+
+def test_rows_of_no_known_command_are_refused(tmp_path):
+    other = tmp_path / "other.json"
+    write_rows(other, [make_row(command="profile", **ENV, **SHAPE, backend="triton", seqlen=1024, mode="fwd",
+                                regime="dense", status="ok")])
+    result = runner.invoke(app, ["report", str(other), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "no bench, check, tune rows" in result.stderr and "profile" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_rows_of_other_commands_beside_known_ones_are_explained(tmp_path, results):
+    mixed = tmp_path / "mixed.json"
+    write_rows(mixed, bench_rows() + [make_row(command="profile", **ENV, **SHAPE, backend="triton", seqlen=1024,
+                                                mode="fwd", regime="dense", status="ok")])
+    result = runner.invoke(app, ["report", str(mixed), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0
+    assert "1 profile row(s) left out" in result.stderr
+    assert "Rows of other commands (profile) are not part of this report" in (tmp_path / "out" / "README.md").read_text()
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def _recording_axes(monkeypatch):
+    """Record what bench_figure draws: per panel, (label, color) of each line and the y scale."""
+    drawn: list[dict] = []
+    real_new_figure = plots_mod.new_figure
+
+    def new_figure(width, height):
+        fig = real_new_figure(width, height)
+        original = fig.savefig
+
+        def savefig(path, **kw):
+            panels = []
+            for ax in fig.axes:
+                lines = {line.get_label(): line.get_color() for line in ax.get_lines()}
+                panels.append({"scale": ax.get_yscale(), "lines": lines, "ylabel": ax.get_ylabel(),
+                               "texts": [t.get_text() for t in ax.texts]})
+            drawn.append({"title": fig._suptitle.get_text() if fig._suptitle else None, "panels": panels})
+            return original(path, **kw)
+
+        fig.savefig = savefig
+        return fig
+
+    monkeypatch.setattr(plots_mod, "new_figure", new_figure)
+    return drawn
+
+
+def test_backend_colour_is_fixed_across_figures_and_reports(tmp_path, monkeypatch):
+    drawn = _recording_axes(monkeypatch)
+    both = tmp_path / "both.json"
+    rows = bench_rows() + [dict(r, mode="fwdbwd") for r in bench_rows() if r["backend"] == "triton"]
+    write_rows(both, rows)
+    write_report([both], tmp_path / "a")
+    # A second report without fa2: triton keeps its colour (sorted-name palettes would shift it).
+    alone = tmp_path / "alone.json"
+    write_rows(alone, [r for r in bench_rows() if r["backend"] == "triton"])
+    write_report([alone], tmp_path / "b")
+    colours = {line: colour for fig in drawn for panel in fig["panels"] for line, colour in panel["lines"].items()
+               if line in ("triton", "fa2")}
+    seen = [panel["lines"]["triton"] for fig in drawn for panel in fig["panels"] if "triton" in panel["lines"]]
+    assert len(drawn) == 3 and len(seen) >= 5 and len(set(seen)) == 1
+    assert colours["triton"] != colours["fa2"]
+    assert plots_mod.backend_color("triton") == "tab:red"
+    assert plots_mod.backend_color("mypkg.mod:fn") == plots_mod.backend_color("mypkg.mod:fn")
+
+
+def test_log_axis_where_backends_differ_by_more_than_10x(tmp_path, monkeypatch):
+    drawn = _recording_axes(monkeypatch)
+    rows = bench_rows()
+    slow = tmp_path / "slow.json"
+    write_rows(slow, rows + [dict(r, backend="chunked", latency_ms=r["latency_ms"] * 100, tflops=r["tflops"] / 100,
+                                  latency_q20_ms=None, latency_q80_ms=None, speedup=r["speedup"] / 100)
+                             for r in rows if r["backend"] == "fa2"])
+    write_report([slow], tmp_path / "slow")
+    tflops, speedup, memory = drawn[-1]["panels"]
+    assert tflops["scale"] == "log" and "log scale" in tflops["ylabel"]
+    assert speedup["scale"] == "log"
+    assert memory["scale"] == "linear"  # 102 to 410 MiB: within 10x
+    write_report([tmp_path / "slow.json"], tmp_path / "again")  # stable
+    close = tmp_path / "close.json"
+    write_rows(close, bench_rows())  # triton 2x fa2: linear
+    write_report([close], tmp_path / "close")
+    assert [p["scale"] for p in drawn[-1]["panels"]] == ["linear", "linear", "linear"]
+
+
+def test_oom_points_are_marked_and_titles_name_b_h_d(tmp_path, monkeypatch):
+    drawn = _recording_axes(monkeypatch)
+    rows = bench_rows()
+    rows.append(make_row(command="bench", **ENV, **SHAPE, backend="triton", seqlen=8192, mode="fwd", regime="dense",
+                         status="oom", error="CUDA out of memory"))
+    path = tmp_path / "oom.json"
+    write_rows(path, rows)
+    written = write_report([path], tmp_path / "out")
+    (figure,) = drawn
+    assert figure["title"] == "fwd, dense inputs, B=4 H=12 D=128, bfloat16"
+    for panel in figure["panels"]:
+        assert "OOM" in panel["texts"]
+        assert panel["lines"]["triton OOM"] == plots_mod.backend_color("triton")
+    # The failed upstream row of bench_rows is an error of a backend with no ok row: no line, but marked.
+    assert all("upstream ERROR" in panel["lines"] for panel in figure["panels"])
+    assert written.plots[0].read_bytes().startswith(PNG_MAGIC)
+    assert "### fwd, dense inputs, B=4 H=12 D=128, bfloat16" in written.markdown.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,3 +93,18 @@ def test_gate_script_fails_on_unusable_input_and_skips_a_missing_baseline(tmp_pa
 def test_gate_script_refuses_unknown_steps(steps):
     out = run_gate_script(*steps, cwd_env={})
     assert out.returncode == 2 and "gpu_gate.sh" in out.stderr
+
+
+def test_ci_runs_the_readme_install_verbatim_and_it_stays_cpu_only():
+    """.ci/run's commands are the README's set-up lines, and every torch they name is the +cpu
+    build: an unpinned torch==2.13.0 resolves to the CUDA wheel on a stock Linux machine."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Set-up"):].split("```bash", 1)[1].split("```", 1)[0]
+    setup = [line for line in block.splitlines() if line.startswith("python -m pip")]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pip")]
+    assert ci and all(line in setup for line in ci)
+    assert ci[0] == setup[0] and "--no-deps" in ci[0] and "download.pytorch.org/whl/cpu/" in ci[0]
+    assert ci[-1].endswith("python -m pytest -q")
+    for line in setup:
+        pins = re.findall(r"torch==(\S+)", line)
+        assert pins and all(pin.endswith("+cpu") for pin in pins), line

@@ -39,6 +39,11 @@ def gate(
         help="Also fail when a baseline row is missing or failed in the current run; default: allow.",
         show_default=False,
     ),
+    fail_on_error: Optional[bool] = typer.Option(
+        None, "--fail-on-error/--allow-error",
+        help="Count a row that was ok in the baseline and is oom, error or failed now as a regression; default: yes.",
+        show_default=False,
+    ),
     settings_file: Optional[Path] = typer.Option(
         None, "--settings", help="TOML settings file with a gate table (e.g. ci/gate.toml); options given here win.",
         show_default=False,
@@ -50,7 +55,8 @@ def gate(
 
     A row regresses when its median is slower than the baseline's by more
     than --threshold AND its 20th latency percentile is above the baseline's
-    80th: the two runs' spreads do not overlap, so noise cannot fail it.
+    80th: the two runs' spreads do not overlap, so noise cannot fail it. A row
+    that was ok in the baseline and is oom, error or failed now regresses too.
 
     Exit 0: no regression. 1: regression. 2: unusable input (unreadable or
     truncated file, another schema, runs from different devices).
@@ -62,7 +68,7 @@ def gate(
     except GateInputError as exc:
         _fail("gate", f"--settings: {exc}")
     for name, value in (("threshold", threshold), ("min_delta_ms", min_delta_ms), ("max_spread", max_spread),
-                        ("fail_on_missing", fail_on_missing)):
+                        ("fail_on_missing", fail_on_missing), ("fail_on_error", fail_on_error)):
         if value is not None:
             values[name] = value
     try:
@@ -95,6 +101,8 @@ def report(
     Bench rows give TFLOP/s, speedup over fa2 and peak memory against
     sequence length; check rows a pass/fail summary against the error budget;
     tune rows the best latency against trial. All rows must be of one device.
+    Exit 2, writing nothing, for rows it cannot place (no device, or no
+    bench, check or tune rows at all).
     """
     from sbbench.harness.report import ReportInputError, write_report
 
@@ -105,3 +113,6 @@ def report(
     except OSError as exc:  # disk full, permissions changed under us: the old report stays
         _fail("report", f"--out: cannot write the report ({exc.strerror or exc}: {exc.filename or ''})")
     typer.echo(f"wrote {written.markdown} with {len(written.plots)} plot(s)")
+    for command, count in written.left_out.items():
+        typer.echo(f"note: {count} {command} row(s) left out: the report has sections for bench, check and tune rows",
+                   err=True)

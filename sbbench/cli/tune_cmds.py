@@ -15,7 +15,7 @@ import typer
 from tabulate import tabulate
 
 from sbbench.cli.app import app
-from sbbench.harness.sweep import (
+from sbbench.cli.sweep_opts import (
     AttendCurrentOpt,
     BatchOpt,
     DtypeOpt,
@@ -24,8 +24,8 @@ from sbbench.harness.sweep import (
     KvHeadsOpt,
     SeqlensOpt,
     SweepFileOpt,
-    sweeps_from_flags,
 )
+from sbbench.harness.sweep import sweeps_from_flags
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

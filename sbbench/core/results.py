@@ -128,15 +128,31 @@ def make_row(**fields: Any) -> dict[str, Any]:
     return row
 
 
-def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], **meta: Any) -> Path:
-    """Write rows as a results file, atomically."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, renamed over the
+    target. A reader (or a Ctrl-C mid-write) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"schema_version": SCHEMA_VERSION, **meta, "rows": [dict(r) for r in rows]}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], **meta: Any) -> Path:
+    """Write rows as a results file, atomically."""
+    payload = {"schema_version": SCHEMA_VERSION, **meta, "rows": [dict(r) for r in rows]}
+    return write_text_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def match_key(row: Mapping[str, Any], ignore: Iterable[str] = ()) -> tuple:
+    """The values of :data:`MATCH_COLUMNS` (less ``ignore``): rows with equal keys measured the
+    same thing, so a resumed sweep skips them and the gate compares them."""
+    skip = set(ignore)
+    return tuple(row.get(c) for c in MATCH_COLUMNS if c not in skip)
 
 
 class ResultsFileError(ValueError):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 
 from sbbench.core.registry import Backend
+from sbbench.core.results import device_name, match_key
 from sbbench.harness.cases import MODES, Case
 from sbbench.harness.inputs import REGIMES, make_inputs
 from sbbench.harness.runner import (
@@ -224,12 +225,18 @@ _SPEEDUP_KEY = (
 
 
 def add_speedups(rows: list[dict[str, Any]], baseline: str) -> None:
-    """Fill ``speedup`` = baseline latency / row latency, per (shape, mode, regime), in place."""
+    """Fill ``speedup`` = baseline latency / row latency, per (shape, mode, regime), in place.
+
+    Only rows measured against ``baseline`` (their ``comparator``) are filled, so rows of another
+    sweep with another baseline in the same list keep their own speedups.
+    """
     def key(row: Mapping[str, Any]) -> tuple:
         return tuple(row.get(c) for c in _SPEEDUP_KEY)
 
     reference = {key(r): r["latency_ms"] for r in rows if r.get("backend") == baseline and r.get("status") == "ok"}
     for row in rows:
+        if row.get("comparator") not in (baseline, None):
+            continue
         base = reference.get(key(row))
         if base is not None and row.get("status") == "ok" and row.get("latency_ms"):
             row["speedup"] = base / row["latency_ms"]
@@ -246,12 +253,20 @@ def run_bench(
     *,
     cuda_graph: bool | Literal["auto"] = False,
     seed: int | None = None,
+    done_rows: Iterable[Mapping[str, Any]] = (),
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every backend on every case, mode and regime; rows with ``speedup`` filled.
 
     The baseline is measured too (first, beside the others on the very same inputs) even when
     it is not among ``backends``. Inputs are drawn once per (case, regime) and shared by every
     backend and mode. A rich progress bar goes to stderr unless ``progress`` is False.
+
+    ``done_rows`` are rows already measured (a resumed sweep): a measurement whose
+    :func:`~sbbench.core.results.match_key` is among theirs is not run again. The returned list
+    starts with them, and speedups are computed over old and new rows together. ``on_row`` is
+    called with that list (the same object, growing) after every finished row, speedups filled,
+    so a caller can save it; an interrupted sweep then loses only the row in progress.
     """
     chosen = [resolve_backend(b) for b in backends]
     if not chosen:
@@ -265,31 +280,44 @@ def run_bench(
     cases = list(cases)
     dev = resolve_device(device)
     comparator = base.name if base is not None else None
+    rows = [dict(r) for r in done_rows]
+    done = {match_key(r) for r in rows}
+    device_column = device_name(dev)
 
-    total = len(cases) * len(regimes) * len(modes) * len(order)
+    def todo(case: Case, regime: str) -> list[tuple[str, Backend]]:
+        return [
+            (mode, backend) for mode in modes for backend in order
+            if match_key({"device": device_column, "backend": backend.name, **case.columns(), "mode": mode,
+                          "regime": regime}) not in done
+        ]
+
+    units = [(case, regime, todo(case, regime)) for case in cases for regime in regimes]
     bar = progress_bar(progress)
-    rows: list[dict[str, Any]] = []
     with bar:
-        task = bar.add_task("bench", total=total)
-        for case in cases:
-            for regime in regimes:
-                try:
-                    inputs = make_inputs(case, regime, device=dev, seed=seed)
-                except Exception:  # each row records the failure when it tries again itself
-                    inputs = None
-                    release_memory(dev)
-                for mode in modes:
-                    for backend in order:
-                        bar.update(task, description=f"{backend.name} {_shape(case)} {mode} {regime}")
-                        rows.append(
-                            measure(
-                                backend, case, mode, regime, device=dev, inputs=inputs,
-                                baseline=comparator, cuda_graph=cuda_graph, seed=seed,
-                            )
-                        )
-                        bar.advance(task)
-                del inputs
+        task = bar.add_task("bench", total=sum(len(runs) for _, _, runs in units))
+        for case, regime, runs in units:
+            if not runs:
+                continue
+            try:
+                inputs = make_inputs(case, regime, device=dev, seed=seed)
+            except Exception:  # each row records the failure when it tries again itself
+                inputs = None
                 release_memory(dev)
+            for mode, backend in runs:
+                bar.update(task, description=f"{backend.name} {_shape(case)} {mode} {regime}")
+                rows.append(
+                    measure(
+                        backend, case, mode, regime, device=dev, inputs=inputs,
+                        baseline=comparator, cuda_graph=cuda_graph, seed=seed,
+                    )
+                )
+                if base is not None:
+                    add_speedups(rows, base.name)
+                if on_row is not None:
+                    on_row(rows)
+                bar.advance(task)
+            del inputs
+            release_memory(dev)
     if base is not None:
         add_speedups(rows, base.name)
     return rows

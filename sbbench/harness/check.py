@@ -30,12 +30,13 @@ import contextlib
 import math
 import random
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from sbbench.core.problem import AttnProblem
 from sbbench.core.registry import Backend, get_backend
+from sbbench.core.results import device_name, match_key
 from sbbench.harness.cases import MODES, Case
 from sbbench.harness.inputs import REGIMES, make_inputs
 from sbbench.harness.runner import (
@@ -367,9 +368,17 @@ def run_check(
     fa2: bool = True,
     seed: int | None = None,
     progress: bool = True,
+    done_rows: Iterable[Mapping[str, Any]] = (),
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`check_case` for every backend, case and regime. ``modes`` decides whether the
-    gradients are checked (any of ``bwd``/``fwdbwd``) or only o and rem (``fwd`` alone)."""
+    gradients are checked (any of ``bwd``/``fwdbwd``) or only o and rem (``fwd`` alone).
+
+    ``done_rows`` are rows of an earlier, interrupted run: a (backend, case, regime) with any row
+    among them (matched on :func:`~sbbench.core.results.match_key`, less the mode, which a check
+    row takes from its tensor) is not checked again. The returned list starts with them.
+    ``on_row`` is called with that list (the same object, growing) after every finished check.
+    """
     chosen = [resolve_backend(b) for b in backends]
     if not chosen:
         raise ValueError("backends: no backend to check")
@@ -382,18 +391,28 @@ def run_check(
     grads = any(m in ("bwd", "fwdbwd") for m in modes)
     cases = list(cases)
     dev = resolve_device(device)
+    rows = [dict(r) for r in done_rows]
+    done = {match_key(r, ignore=("mode",)) for r in rows}
+    device_column = device_name(dev)
+    units = [
+        (case, regime, backend) for case in cases for regime in regimes for backend in chosen
+        if match_key({"device": device_column, "backend": backend.name, **case.columns(), "regime": regime},
+                     ignore=("mode",)) not in done
+    ]
 
     bar = progress_bar(progress)
-    rows: list[dict[str, Any]] = []
+    made = 0
     with bar:
-        task = bar.add_task("check", total=len(chosen) * len(cases) * len(regimes))
-        for case in cases:
-            for regime in regimes:
-                for backend in chosen:
-                    bar.update(task, description=f"check {backend.name} T{case.seqlen} {case.dtype} {regime}")
-                    case_seed = None if seed is None else seed + len(rows)
-                    rows.extend(check_case(backend, case, regime, device=dev, fa2=fa2, seed=case_seed, grads=grads))
-                    bar.advance(task)
+        task = bar.add_task("check", total=len(units))
+        for case, regime, backend in units:
+            bar.update(task, description=f"check {backend.name} T{case.seqlen} {case.dtype} {regime}")
+            case_seed = None if seed is None else seed + made
+            found = check_case(backend, case, regime, device=dev, fa2=fa2, seed=case_seed, grads=grads)
+            made += len(found)
+            rows.extend(found)
+            if on_row is not None:
+                on_row(rows)
+            bar.advance(task)
     return rows
 
 

@@ -32,6 +32,11 @@ time is bimodal, its median can come from either mode, and such a row says nothi
 whichever way it moved. A row without percentiles is treated as having no spread, so only the
 threshold and the floor protect it; the comparison says so in its note.
 
+A row that was ok in the baseline and ``oom``, ``error`` or ``failed`` in the current run is a
+**regression** too (a kernel that now runs out of memory or crashes is the worst slowdown), unless
+``fail_on_error`` is off; then it is listed as missing in the current run. A row absent from the
+current run, or ``unsupported`` there, is **missing** and fails only with ``fail_on_missing``.
+
 Several ok rows with the same key in one file (the same input timed more than once, or under
 several configs) are reduced to the fastest: the gate asks whether the backend can still do what it
 did before.
@@ -50,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, read_rows
+from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, write_text_atomic
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -58,6 +63,8 @@ NOISE = "noise"
 UNCHANGED = "unchanged"
 MISSING_CURRENT = "missing in current"
 MISSING_BASELINE = "missing in baseline"
+# Statuses of a current row that make a baseline row that was ok a regression.
+BROKEN_STATUSES = ("oom", "error", "failed")
 STATUSES = (REGRESSION, IMPROVEMENT, NOISE, UNCHANGED, MISSING_CURRENT, MISSING_BASELINE)
 
 GATE_JSON_VERSION = 1
@@ -82,6 +89,7 @@ class GateSettings:
     min_delta_ms: float = 0.0
     max_spread: float = 0.5
     fail_on_missing: bool = False
+    fail_on_error: bool = True
 
     def __post_init__(self) -> None:
         if not (_number(self.threshold) and 0 <= self.threshold < 10):
@@ -91,8 +99,9 @@ class GateSettings:
         # max_spread may be inf: "never call a row too noisy".
         if not (_number(self.max_spread, finite=False) and self.max_spread > 0):
             raise GateInputError(f"max_spread: expected a number > 0, got {self.max_spread!r}")
-        if not isinstance(self.fail_on_missing, bool):
-            raise GateInputError(f"fail_on_missing: expected true or false, got {self.fail_on_missing!r}")
+        for name in ("fail_on_missing", "fail_on_error"):
+            if not isinstance(getattr(self, name), bool):
+                raise GateInputError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
 
 def load_settings(path: str | os.PathLike) -> dict[str, Any]:
@@ -117,7 +126,7 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
     table = data.get("gate", data)
     if not isinstance(table, dict):
         raise GateInputError(f"{path}: [gate] must be a table")
-    known = {"threshold", "min_delta_ms", "max_spread", "fail_on_missing"}
+    known = {"threshold", "min_delta_ms", "max_spread", "fail_on_missing", "fail_on_error"}
     unknown = sorted(set(table) - known - {"gate"})
     if unknown:
         raise GateInputError(f"{path}: unknown gate setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -222,25 +231,24 @@ def _timing(row: Mapping[str, Any], path: Path, index: int) -> Timing:
     return Timing(float(median), float(lo), float(hi), has_spread)
 
 
-def _key(row: Mapping[str, Any]) -> tuple:
-    return tuple(row.get(c) for c in MATCH_COLUMNS)
-
-
-def _bench_rows(rows: list[dict[str, Any]], path: Path) -> tuple[dict[tuple, Timing], dict[tuple, str]]:
-    """Usable timings by key, and for keys with no usable row, why (status and error)."""
+def _bench_rows(
+    rows: list[dict[str, Any]], path: Path
+) -> tuple[dict[tuple, Timing], dict[tuple, tuple[str, str]]]:
+    """Usable timings by key, and for keys with no usable row, its status and why (status and error)."""
     timings: dict[tuple, list[Timing]] = {}
-    unusable: dict[tuple, str] = {}
+    unusable: dict[tuple, tuple[str, str]] = {}
     for index, row in enumerate(rows):
         if row.get("command") != "bench":
             continue
-        key = _key(row)
+        key = match_key(row)
         if row.get("status") == "ok" and row.get("latency_ms") is not None:
             timings.setdefault(key, []).append(_timing(row, path, index))
         else:
-            reason = str(row.get("status") or "no latency")
+            status = str(row.get("status") or "no latency")
+            reason = status
             if row.get("error"):
                 reason += f": {str(row['error']).splitlines()[0][:120]}"
-            unusable.setdefault(key, reason)
+            unusable.setdefault(key, (status, reason))
     usable = {}
     for key, found in timings.items():
         fastest = min(found, key=lambda t: t.median_ms)
@@ -344,11 +352,15 @@ def compare_rows(
         named = dict(zip(MATCH_COLUMNS, key))
         b, c = bok.get(key), cok.get(key)
         if b is None:
-            note = f"baseline row {bbad[key]}" if key in bbad else "new row"
+            note = f"baseline row {bbad[key][1]}" if key in bbad else "new row"
             result.comparisons.append(Comparison(named, MISSING_BASELINE, current=c, note=note))
         elif c is None:
-            note = f"current row {cbad[key]}" if key in cbad else "not measured"
-            result.comparisons.append(Comparison(named, MISSING_CURRENT, baseline=b, note=note))
+            status, reason = cbad.get(key, (None, "not measured"))
+            if settings.fail_on_error and status in BROKEN_STATUSES:
+                result.comparisons.append(Comparison(named, REGRESSION, baseline=b, note=f"ok in baseline, now {reason}"))
+            else:
+                note = f"current row {reason}" if key in cbad else reason
+                result.comparisons.append(Comparison(named, MISSING_CURRENT, baseline=b, note=note))
         else:
             status, note = _classify(b, c, settings)
             change = c.median_ms / b.median_ms - 1
@@ -435,12 +447,4 @@ def format_result(result: GateResult, *, show_all: bool = False) -> str:
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")

@@ -8,7 +8,12 @@ and writes into one folder (``reports/<device>/`` by default):
   table and one figure with TFLOP/s, speedup over FlashAttention-2 (``fa2``) and peak memory
   against sequence length; failed bench rows; the numerics checks (pass/fail, error against
   budget, the fa2 error beside); and the tuner's studies (best latency against trial).
-* ``bench_*.png`` and ``tune_*.png``: the figures the markdown embeds.
+* ``bench_*.png`` and ``tune_*.png``: the figures the markdown embeds, drawn by
+  :mod:`sbbench.harness.plots` (fixed backend colours, log axes over wide ranges, failed rows marked).
+
+Rows it cannot place are refused with :class:`ReportInputError` before anything is written: rows
+that name no device (a report covers one device), or files with no bench, check or tune rows at
+all. Rows of other commands beside those are named in the report and left out.
 
 Everything is rendered into a staging folder inside the output folder first, so a failure while
 plotting leaves the previous report untouched; the files are then renamed into place one by one
@@ -32,11 +37,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from sbbench.core.config_loader import device_file_stem
 from sbbench.core.results import ResultsFileError, read_rows
+from sbbench.harness import plots as plots_mod
 
 MARKDOWN_NAME = "README.md"
 # Figures this module owns in the output folder: only these are ever replaced or removed there.
 OWNED_PLOT = re.compile(r"^(bench|tune)_[A-Za-z0-9._-]+\.png$")
 MAX_TUNE_PLOTS = 40
+KNOWN_COMMANDS = ("bench", "check", "tune")
+# Bench statuses of a row that ran and failed (drawn as failures; "unsupported" never ran).
+FAILED_STATUSES = ("oom", "error", "failed")
 
 _MODE_ORDER = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
 _REGIME_ORDER = {"dense": 0, "randn": 1, "mixed": 2, "peaked": 3}
@@ -55,6 +64,8 @@ class WrittenReport:
     out: Path
     markdown: Path
     plots: list[Path] = field(default_factory=list)
+    # Rows of commands the report has no section for, by command: named in the report, left out.
+    left_out: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,6 +157,12 @@ def load_results(paths: Sequence[str | os.PathLike]) -> tuple[list[dict[str, Any
         # The file's own metadata (write_rows(..., **meta)), e.g. the command line that made it.
         payload = json.loads(path.read_text())
         meta = {k: v for k, v in payload.items() if k not in ("schema_version", "rows")}
+        placeless = sum(r.get("device") is None for r in file_rows)
+        if placeless:
+            raise ReportInputError(
+                f"RESULTS: {path}: {placeless} of its {len(file_rows)} rows name no device, so the report cannot "
+                "place them (a report covers one device); pass results files written by sbbench check, bench or tune"
+            )
         commands: dict[str, int] = {}
         for r in file_rows:
             commands[str(r.get("command"))] = commands.get(str(r.get("command")), 0) + 1
@@ -153,6 +170,12 @@ def load_results(paths: Sequence[str | os.PathLike]) -> tuple[list[dict[str, Any
         rows += file_rows
     if not rows:
         raise ReportInputError("RESULTS: the files hold no rows; nothing to report")
+    if not any(r.get("command") in KNOWN_COMMANDS for r in rows):
+        found = ", ".join(sorted({str(r.get("command")) for r in rows}))
+        raise ReportInputError(
+            f"RESULTS: no {', '.join(KNOWN_COMMANDS)} rows in these files (their rows' command: {found}); "
+            "nothing to report"
+        )
     return rows, sources
 
 
@@ -163,7 +186,7 @@ def _device(rows: list[dict[str, Any]]) -> str:
             f"RESULTS: rows from several devices ({'; '.join(devices)}); a report covers one device, "
             "so pass the files of one device at a time"
         )
-    return devices[0] if devices else "unknown device"
+    return devices[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,86 +227,15 @@ def _geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def _colors(names: Iterable[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {name: cmap(i % 10) for i, name in enumerate(sorted(set(names)))}
-
-
-def _log2_x(ax: Any, xs: Iterable[int]) -> None:
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    xs = sorted(set(xs))
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(xs))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(xs, [str(x) for x in xs], rotation=45 if len(xs) > 5 else 0)
-    ax.set_xlabel("sequence length")
-    ax.grid(True, alpha=0.3)
-
-
-def _new_figure(width: float, height: float) -> Any:
-    # The object API with an Agg canvas: no pyplot, no global backend state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _bench_figure(
-    series: dict[str, list[dict[str, Any]]], speedup: dict[int, float], colors: dict[str, Any], title: str, path: Path
-) -> None:
-    fig = _new_figure(16, 4.6)
-    ax_tf, ax_sp, ax_mem = fig.subplots(1, 3)
-    xs = [r["seqlen"] for pts in series.values() for r in pts if r.get("seqlen") is not None]
-    has = {"tf": False, "sp": False, "mem": False}
-    for label, pts in series.items():
-        backend = pts[0].get("backend")
-        color = colors.get(backend)
-        pts = [r for r in pts if r.get("seqlen") is not None]
-        tf = [(r["seqlen"], r) for r in pts if _num(r.get("tflops"))]
-        if tf:
-            has["tf"] = True
-            x = [s for s, _ in tf]
-            y = [r["tflops"] for _, r in tf]
-            # The latency spread as TFLOP/s: the 20th latency percentile is the fast (high) end.
-            lo = [r["tflops"] - r["tflops"] * r["latency_ms"] / r["latency_q80_ms"]
-                  if _num(r.get("latency_q80_ms")) and r["latency_q80_ms"] > 0 else 0.0 for _, r in tf]
-            hi = [r["tflops"] * r["latency_ms"] / r["latency_q20_ms"] - r["tflops"]
-                  if _num(r.get("latency_q20_ms")) and r["latency_q20_ms"] > 0 else 0.0 for _, r in tf]
-            ax_tf.errorbar(x, y, yerr=[[max(v, 0) for v in lo], [max(v, 0) for v in hi]], marker="o",
-                           ms=4, capsize=2, label=label, color=color)
-        sp = [(r["seqlen"], speedup[id(r)]) for r in pts if id(r) in speedup]
-        if sp:
-            has["sp"] = True
-            ax_sp.plot(*zip(*sp), marker="o", ms=4, label=label, color=color)
-        mem = [(r["seqlen"], r["peak_mem_mib"]) for r in pts if _num(r.get("peak_mem_mib")) and r["peak_mem_mib"] > 0]
-        if mem:
-            has["mem"] = True
-            ax_mem.plot(*zip(*mem), marker="o", ms=4, label=label, color=color)
-    for ax, key, ylabel, empty in (
-        (ax_tf, "tf", "TFLOP/s (causal FA count)", "no TFLOP/s in these rows"),
-        (ax_sp, "sp", "speedup over fa2 (x)", "no fa2 rows to compare with"),
-        (ax_mem, "mem", "peak memory above inputs (MiB)", "no peak memory in these rows"),
-    ):
-        if xs:
-            _log2_x(ax, xs)
-        ax.set_ylabel(ylabel)
-        if not has[key]:
-            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="grey")
-    if has["sp"]:
-        ax_sp.axhline(1.0, color=colors.get("fa2", "black"), ls="--", lw=1, label="fa2 = 1")
-    if has["mem"]:
-        ax_mem.set_yscale("log")
-    ax_tf.set_ylim(bottom=0)
-    for ax in (ax_tf, ax_sp, ax_mem):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+def _group_shape(row: Mapping[str, Any], head_dim: Any, varying: Sequence[str]) -> str:
+    """``B=4 H=12 D=128`` (plus Hkv, varlen, attend_current where they apply) for a figure's
+    title; columns in ``varying`` differ between its lines, so they are named in the legend instead."""
+    names = {"batch": "B", "heads": "H", "kv_heads": "Hkv"}
+    parts = [f"{names[c]}={row.get(c)}" for c in names
+             if c not in varying and not (c == "kv_heads" and row.get("kv_heads") == row.get("heads"))]
+    parts.append(f"D={head_dim}")
+    parts += [c for c in ("varlen", "attend_current") if c not in varying and row.get(c)]
+    return " ".join(parts)
 
 
 def _bench_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str], list[str]]:
@@ -292,7 +244,6 @@ def _bench_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str]
         return [], []
     ok = _ok_bench(rows)
     speedup = _speedups(ok)
-    colors = _colors(str(r.get("backend")) for r in bench)
     md = ["## Benchmarks", ""]
     plots: list[str] = []
     md += [
@@ -319,26 +270,44 @@ def _bench_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str]
                _md_table(table, ["mode", "regime", "backend", "rows", "best TFLOP/s", "median TFLOP/s",
                                  "speedup over fa2 (geomean)"]), ""]
 
+    def group_of(r: Mapping[str, Any]) -> tuple:
+        return r.get("mode"), r.get("regime"), r.get("head_dim"), r.get("dtype")
+
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in ok:
-        groups.setdefault((r.get("mode"), r.get("regime"), r.get("head_dim"), r.get("dtype")), []).append(r)
+        groups.setdefault(group_of(r), []).append(r)
+    # Rows that ran and failed are drawn in their group's figure; unsupported ones were never meant to run.
+    broken: dict[tuple, list[dict[str, Any]]] = {}
+    for r in bench:
+        if r.get("status") in FAILED_STATUSES and group_of(r) in groups:
+            broken.setdefault(group_of(r), []).append(r)
     ordered = sorted(groups.items(), key=lambda kv: (_order(kv[0][0], _MODE_ORDER), _order(kv[0][1], _REGIME_ORDER),
                                                       kv[0][2] if _num(kv[0][2]) else -1, str(kv[0][3])))
     for (mode, regime, head_dim, dtype), rs in ordered:
-        title = f"{mode}, {regime} inputs, head dim {head_dim}, {dtype}"
-        # Shape columns that vary inside the group go into the line labels, so no two lines merge.
-        varying = [c for c in _SHAPE_COLUMNS if len({r.get(c) for r in rs}) > 1]
+        failed_here = broken.get((mode, regime, head_dim, dtype), [])
+        # Shape columns that vary inside the group go into the line labels, so no two lines merge;
+        # those that do not go into the title.
+        varying = [c for c in _SHAPE_COLUMNS if len({r.get(c) for r in rs + failed_here}) > 1]
+        title = f"{mode}, {regime} inputs, {_group_shape(rs[0], head_dim, varying)}, {dtype}"
+
+        def label_of(r: Mapping[str, Any]) -> str:
+            return " ".join([str(r.get("backend"))] + [f"{c}={r.get(c)}" for c in varying])
+
         series: dict[str, dict[Any, dict[str, Any]]] = {}
         for r in rs:
-            label = " ".join([str(r.get("backend"))] + [
-                f"{c}={r.get(c)}" for c in varying])
+            label = label_of(r)
             best = series.setdefault(label, {})
             seen = best.get(r.get("seqlen"))
             if seen is None or r["latency_ms"] < seen["latency_ms"]:
                 best[r.get("seqlen")] = r
         lines = {label: [pts[s] for s in sorted(pts, key=lambda s: s if _num(s) else -1)] for label, pts in sorted(series.items())}
         name = f"bench_{_slug(mode, regime, f'd{head_dim}', dtype)}.png"
-        _bench_figure(lines, speedup, colors, title, staging / name)
+        failed_lines: dict[str, list[dict[str, Any]]] = {}
+        for r in failed_here:
+            # A length where the same line has an ok row (another config) is not a failure of the line.
+            if r.get("seqlen") not in series.get(label_of(r), {}):
+                failed_lines.setdefault(label_of(r), []).append(r)
+        plots_mod.bench_figure(lines, failed_lines, speedup, title, staging / name)
         plots.append(name)
         table = []
         for label, pts in lines.items():
@@ -462,40 +431,6 @@ def _trial_outcome(r: Mapping[str, Any]) -> tuple[str, float | None]:
     return "ok", latency
 
 
-def _tune_figure(trials: list[tuple[Any, str, float | None]], default: float | None, title: str, path: Path) -> None:
-    fig = _new_figure(6.4, 3.8)
-    ax = fig.subplots()
-    ok = [(x, y) for x, kind, y in trials if kind == "ok"]
-    best, running = [], math.inf
-    for x, y in ok:
-        running = min(running, y)
-        best.append((x, running))
-    if ok:
-        ax.scatter(*zip(*ok), s=12, color="tab:grey", alpha=0.6, label="trial")
-        ax.step(*zip(*best), where="post", color="tab:blue", lw=2, label="best so far")
-    infeasible = [(x, y) for x, kind, y in trials if kind == "infeasible"]
-    if infeasible:
-        ax.scatter(*zip(*infeasible), s=16, marker="^", color="tab:orange", label="over numerics budget")
-    failed = [x for x, kind, _ in trials if kind == "failed"]
-    timed = [y for _, kind, y in trials if y is not None]
-    if failed and timed:
-        # Failed trials have no latency: drawn along the top so their number and timing show.
-        ax.scatter(failed, [max(timed)] * len(failed), marker="x", color="tab:red", s=18, label="failed")
-    if default is not None:
-        ax.axhline(default, color="black", ls="--", lw=1, label="default config")
-    if timed and max(timed) > 20 * min(timed):  # bad configs can be 100x slower: keep the best ones readable
-        ax.set_yscale("log")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("latency (ms)")
-    ax.grid(True, alpha=0.3)
-    if not timed:
-        ax.text(0.5, 0.5, "no trial finished", ha="center", va="center", transform=ax.transAxes, color="grey")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=100)
-
-
 def _study_label(named: Mapping[str, Any]) -> str:
     parts = [named.get("backend"), named.get("sampler")]
     # The tuner writes the pass both as "pass" and as "mode"; name it once.
@@ -548,7 +483,7 @@ def _tune_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str],
                              "speedup over default", "best config"]), ""]
     for i, (label, trials, default) in enumerate(figures[:MAX_TUNE_PLOTS]):
         name = f"tune_{i:02d}_{_slug(label)[:80]}.png"
-        _tune_figure(trials, default, label, staging / name)
+        plots_mod.tune_figure(trials, default, label, staging / name)
         plots.append(name)
         md += [f"![best latency against trial: {label}]({name})", ""]
     if len(figures) > MAX_TUNE_PLOTS:
@@ -590,8 +525,7 @@ def render_report(rows: list[dict[str, Any]], sources: list[_Source], device: st
     check_md = _check_section(rows)
     tune_md, tune_plots = _tune_section(rows, staging)
     md += bench_md + check_md + tune_md
-    known = {"bench", "check", "tune"}
-    other = sorted({str(r.get("command")) for r in rows} - known)
+    other = sorted({str(r.get("command")) for r in rows} - set(KNOWN_COMMANDS))
     if other:
         md += [f"Rows of other commands ({', '.join(other)}) are not part of this report.", ""]
     if not (bench_md or check_md or tune_md):
@@ -629,4 +563,8 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | No
                 stale.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return WrittenReport(out=out, markdown=out / MARKDOWN_NAME, plots=[out / p for p in plots])
+    left_out: dict[str, int] = {}
+    for r in rows:
+        if r.get("command") not in KNOWN_COMMANDS:
+            left_out[str(r.get("command"))] = left_out.get(str(r.get("command")), 0) + 1
+    return WrittenReport(out=out, markdown=out / MARKDOWN_NAME, plots=[out / p for p in plots], left_out=left_out)

@@ -18,9 +18,8 @@ chunked (those available); the check, which runs a T x T float64 oracle, uses sm
 the CPU: small float32 shapes with the CPU backends (chunked, compiled, and triton only under
 TRITON_INTERPRET=1), sized to finish in seconds.
 
-The ``*Opt`` aliases are the typer options themselves, so another command (``sbbench tune``)
-declares the same flags with the same help by annotating its parameters with them, then calls
-:func:`sweeps_from_flags`.
+The command-line options themselves live in :mod:`sbbench.cli.sweep_opts`; a command calls
+:func:`sweeps_from_flags` with their values.
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Optional, Sequence
-
-import typer
+from typing import Any, Mapping, Sequence
 
 from sbbench.core.registry import get_backend, parse_backend_list
 from sbbench.harness.cases import DTYPES, MODES, Case
@@ -95,36 +92,6 @@ class Sweep:
     device: str
     baseline: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# typer options, shared by check, bench and tune
-
-BackendsOpt = Annotated[Optional[str], typer.Option(
-    "--backends", help="Comma-separated backends: registered names (`sbbench list`) or a user's "
-    "module:function. Default: the available ones for this device.")]
-ModeOpt = Annotated[Optional[str], typer.Option(
-    "--mode", help="Comma-separated modes: fwd, bwd, fwdbwd, or all.")]
-BatchOpt = Annotated[Optional[str], typer.Option(
-    "--batch", help="Batch size(s), comma-separated (varlen: number of packed sequences).")]
-HeadsOpt = Annotated[Optional[str], typer.Option("--heads", help="Query heads H, comma-separated.")]
-KvHeadsOpt = Annotated[Optional[str], typer.Option(
-    "--kv-heads", help="Key/value heads (GQA/MQA; must divide --heads). Default: --heads.")]
-HeadDimOpt = Annotated[Optional[str], typer.Option("--head-dim", help="Head dim D, comma-separated.")]
-SeqlensOpt = Annotated[Optional[str], typer.Option(
-    "--seqlens", help="Sequence lengths T: comma-separated, or a..b for the powers of two between.")]
-DtypeOpt = Annotated[Optional[str], typer.Option(
-    "--dtype", help="Comma-separated: bfloat16 (bf16), float16 (fp16), float32 (fp32), float64.")]
-RegimeOpt = Annotated[Optional[str], typer.Option(
-    "--regime", help=f"Input regime(s): {', '.join(REGIMES)}, or all.")]
-AttendCurrentOpt = Annotated[Optional[bool], typer.Option(
-    "--attend-current/--no-attend-current", help="Whether query i attends key i.")]
-VarlenOpt = Annotated[Optional[bool], typer.Option(
-    "--varlen/--no-varlen", help="Packed variable-length input (cu_seqlens) of --batch ragged sequences.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help="cpu or cuda. Default: cuda when a GPU is visible.")]
-SweepFileOpt = Annotated[Optional[Path], typer.Option(
-    "--sweep", help="A sweep file (JSON or YAML): a list of sweeps; flags given override its fields.")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,3 +73,47 @@ def float64_outputs(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seql
     from sbbench.kernels.reference import dense_naive
 
     return dense_naive(q.double(), k.double(), v.double(), inv_temp, attend_current)
+
+
+def only_o(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seqlen=None):
+    """Returns o alone, not the pair (o, rem)."""
+    from sbbench.kernels.reference import dense_naive
+
+    return dense_naive(q, k, v, inv_temp, attend_current)[0]
+
+
+def transposed_o(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seqlen=None):
+    """o in (B, T, H, D) instead of q's (B, H, T, D)."""
+    from sbbench.kernels.reference import dense_naive
+
+    o, rem = dense_naive(q, k, v, inv_temp, attend_current)
+    return o.transpose(1, 2).contiguous(), rem
+
+
+def rem_with_head_dim(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seqlen=None):
+    """rem with a trailing dim of 1 left on."""
+    from sbbench.kernels.reference import dense_naive
+
+    o, rem = dense_naive(q, k, v, inv_temp, attend_current)
+    return o, rem[..., None]
+
+
+def rem_not_a_tensor(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seqlen=None):
+    """rem as a Python list."""
+    from sbbench.kernels.reference import dense_naive
+
+    o, rem = dense_naive(q, k, v, inv_temp, attend_current)
+    return o, rem.tolist()
+
+
+def three_outputs(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seqlen=None):
+    """(o, rem) plus an extra tensor."""
+    from sbbench.kernels.reference import dense_naive
+
+    o, rem = dense_naive(q, k, v, inv_temp, attend_current)
+    return o, rem, rem
+
+
+def on_meta_device(q, k, v, inv_temp, attend_current, cu_seqlens=None, max_seqlen=None):
+    """Right shapes and dtype, on the wrong device."""
+    return torch.empty(q.shape, dtype=q.dtype, device="meta"), torch.empty(q.shape[:-1], dtype=q.dtype, device="meta")
