@@ -347,3 +347,21 @@ def test_cli_without_arguments_on_cpu(command):
     if command == "check":
         assert "fa2 anchor unavailable: needs a CUDA GPU" in proc.stdout
     assert elapsed < 120
+
+
+def test_skipping_widens_the_budget_of_o_and_rem_by_its_own_bound_only():
+    from sbbench.harness.check import budget_metrics, skip_bound
+
+    v = torch.full((2, 3), -4.0)
+    assert skip_bound("rem", {"skip_log2": -30}, v) == 2.0**-30
+    assert skip_bound("o", {"skip_log2": -30}, v) == 4 * 2.0**-30  # times max|v|
+    assert skip_bound("dq", {"skip_log2": -30}, v) == 0.0
+    assert skip_bound("rem", {"skip_log2": None}, v) == 0.0 and skip_bound("rem", None, v) == 0.0
+    # A query at the end of a long cache: rem ~1e-20, so 2 err_pt + floor is ~1e-22, while a
+    # kernel that stopped at a stick of 2^-30 is off by up to 2^-30 and no more.
+    ref = torch.full((4,), 1e-20, dtype=torch.float64)
+    low = ref * (1 + 1e-3)
+    got = (ref + 2.0**-31).to(torch.float32)
+    assert not budget_metrics(got, ref, low, torch.float32)["passed"]
+    assert budget_metrics(got, ref, low, torch.float32, skip_bound("rem", {"skip_log2": -30}, v))["passed"]
+    assert not budget_metrics(ref + 2.0**-29, ref, low, torch.float32, 2.0**-30)["passed"]
