@@ -2,8 +2,9 @@
 
 On a CPU these run in the Triton interpreter, in float32 and float16 (the interpreter's bf16
 tl.dot is wrong); bf16 and long caches run on a GPU (marked ``gpu``). Tolerance: the project's
-budget (FlashAttention-2's rule, sbbench.harness.check), widened for o and rem by what block skipping may move:
-err_pt being the error of the reference computed in the kernel's own dtype."""
+budget (sbbench.harness.check.budget_metrics): max error <= 2 * err_pt + atol_floor, err_pt being
+the error of the reference computed in the kernel's own dtype, plus what block skipping may move
+in o and rem (skip_bound)."""
 
 from __future__ import annotations
 
