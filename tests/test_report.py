@@ -115,7 +115,7 @@ def test_report_tables_hold_the_numbers(tmp_path, results):
     assert re.search(r"\| triton\s+\| float16\s+\| o\s+\| PASS 1/1", markdown)
     # Tuning: 7 trials, 1 failed, 1 over budget, best usable 0.7 ms at trial 4 (not the 0.5 ms
     # one over budget), 1.43x over the default, its config.
-    assert re.search(r"\| triton tpe fwd mixed bfloat16 B=4 H=12 T=4096 D=128\s+\| 7\s+\| 1\s+\| 1\s+\| 1\s+\| 0\.7\s+\| 4\s+"
+    assert re.search(r"\| triton tpe fwd mixed bfloat16 B=4 H=12 T=4096 D=128\s+\| 7\s+\| 0\s+\| 1\s+\| 1\s+\| 1\s+\| 0\.7\s+\| 4\s+"
                      r"\| 1\.43x\s+\| \{\"BLOCK_M\": 64, \"BLOCK_N\": 80\}", markdown)
 
 
@@ -137,7 +137,7 @@ def test_tune_history_lists_are_expanded(tmp_path):
     write_rows(path, [row])
     written = write_report([path], tmp_path / "out")
     markdown = written.markdown.read_text()
-    assert re.search(r"\| 3\s+\| 1\s+\| 0\s+\| -\s+\| 1\.5\s+\| 2\s+\|", markdown)
+    assert re.search(r"\| 3\s+\| 0\s+\| 1\s+\| 0\s+\| -\s+\| 1\.5\s+\| 2\s+\|", markdown)
     assert len(written.plots) == 1 and written.plots[0].name.startswith("tune_")
 
 

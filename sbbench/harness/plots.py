@@ -179,7 +179,7 @@ def bench_figure(
 
 
 def tune_figure(trials: list[tuple[Any, str, float | None]], default: float | None, title: str, path: Path) -> None:
-    """Latency of each trial in order, the best so far, over-budget and failed trials, the default."""
+    """Latency of each trial in order, the best so far, over-budget, cut and failed trials, the default."""
     fig = new_figure(6.4, 3.8)
     ax = fig.subplots()
     ok = [(x, y) for x, kind, y in trials if kind == "ok"]
@@ -190,6 +190,9 @@ def tune_figure(trials: list[tuple[Any, str, float | None]], default: float | No
     if ok:
         ax.scatter(*zip(*ok), s=12, color="tab:grey", alpha=0.6, label="trial")
         ax.step(*zip(*best), where="post", color="tab:blue", lw=2, label="best so far")
+    pruned = [(x, y) for x, kind, y in trials if kind == "pruned"]
+    if pruned:
+        ax.scatter(*zip(*pruned), s=14, facecolors="none", edgecolors="tab:grey", label="cut after one run")
     infeasible = [(x, y) for x, kind, y in trials if kind == "infeasible"]
     if infeasible:
         ax.scatter(*zip(*infeasible), s=16, marker="^", color="tab:orange", label="over numerics budget")

@@ -419,11 +419,14 @@ def _trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _trial_outcome(r: Mapping[str, Any]) -> tuple[str, float | None]:
     """``("ok", ms)``, ``("infeasible", ms)`` for a trial that ran but broke the numerics budget
-    (``passed`` false: it cannot be the best config), or ``("failed", None)``."""
+    (``passed`` false: it cannot be the best config), ``("pruned", ms)`` for one cut after a single
+    timed run (``ms`` that run), or ``("failed", None)``."""
     status = str(r.get("status") or "ok").lower()
     latency = next((float(r[c]) for c in ("latency_ms", "value") if _num(r.get(c)) and r[c] > 0), None)
     if latency is None:
         return "failed", None
+    if status == "pruned":
+        return "pruned", latency
     if r.get("passed") is False or status == "infeasible":
         return "infeasible", latency
     if status not in ("ok", "complete"):
@@ -450,8 +453,9 @@ def _tune_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str],
         studies.setdefault(tuple(r.get(c) for c in columns), []).append(r)
     md = ["## Tuning", "",
           "Each study's trials in order: grey dots are trials, the blue line the best latency found so "
-          "far among trials within the numerics budget, orange triangles trials over the budget, red "
-          "crosses failed trials, the dashed line the backend's default config.", ""]
+          "far among trials within the numerics budget, orange triangles trials over the budget, hollow "
+          "circles trials cut after one timed run (that run's time), red crosses failed trials, the "
+          "dashed line the backend's default config.", ""]
     plots: list[str] = []
     table = []
     figures = []
@@ -476,10 +480,11 @@ def _tune_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str],
         config_text = json.dumps(config, sort_keys=True, default=str) if isinstance(config, (dict, list)) else _fmt(config)
         n_failed = sum(kind == "failed" for _, kind, _ in trials)
         n_over = sum(kind == "infeasible" for _, kind, _ in trials)
-        table.append([label, len(trials), n_failed, n_over, _fmt(default), _fmt(best[1]) if best else "-",
+        n_pruned = sum(kind == "pruned" for _, kind, _ in trials)
+        table.append([label, len(trials), n_pruned, n_failed, n_over, _fmt(default), _fmt(best[1]) if best else "-",
                       best[0] if best else "-", speed, config_text])
         figures.append((label, trials, default))
-    md += [_md_table(table, ["study", "trials", "failed", "over budget", "default ms", "best ms", "best trial",
+    md += [_md_table(table, ["study", "trials", "pruned", "failed", "over budget", "default ms", "best ms", "best trial",
                              "speedup over default", "best config"]), ""]
     for i, (label, trials, default) in enumerate(figures[:MAX_TUNE_PLOTS]):
         name = f"tune_{i:02d}_{_slug(label)[:80]}.png"
