@@ -11,14 +11,9 @@
 #   memcheck       the bench memory column against a by-hand measurement (memory_by_hand.log)
 #   probe          per-kernel backward times of launch variants beside FA2 (bwd_probe.json)
 #   ab             the probe on kernel variants swapped in from .device/ab/<name>/{kernels,op}.py
-#   tune           TPE over forward and backward launch parameters, D=64 and 128 (tune_tpe.json)
-#   tune_bwd       grid over the backward tiles (tune_bwd_d128.json, tune_bwd_d64.json)
-#   tune_bwd_regs  grid over the D=64 dQ register cap and dK/dV stages (tune_bwd_regs_d64.json)
 #
-# The tune stages share one study database (.device/tune.db) and export over a copy of the shipped
-# configs into $OUT/configs/ (export merges, so keys a stage did not tune keep their entries).
-# Copy what a stage wrote into reports/<device>/ (configs into sbbench/configs/<device>/) and
-# commit; `sbbench report reports/<device>/*.json --out reports/<device>/` remakes the tables.
+# Tuning a GPU is scripts/tune_new_gpu.sh. Copy what a stage wrote into reports/<device>/ and
+# commit; `sbbench report reports/<device>/*.json --out reports/<device>/report` remakes the tables.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # A copy of the tree without .git can name its commit for the result rows in .commit.
@@ -30,13 +25,6 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
-STORAGE="sqlite:///$PWD/.device/tune.db"
-
-export_configs() {
-  mkdir -p "$OUT/configs" && cp -r sbbench/configs/. "$OUT/configs/"
-  sbbench export --storage "$STORAGE" --out "$OUT/configs" 2>&1 | tail -12
-  cp .device/tune.db "$OUT/tune.db"
-}
 
 for stage in "$@"; do
   case "$stage" in
@@ -89,45 +77,6 @@ for stage in "$@"; do
         timeout 200 python3 scripts/gpu_bwd_probe.py --out "$OUT" --name "bwd_ab_$name" "${pairs[@]}" 2>&1 | tail -8
       done
       cp .device/ab_keep/kernels.py .device/ab_keep/op.py kernels/triton_sb/
-      ;;
-    tune)
-      # TPE per key (T=4096 and 16384 buckets; lookup takes the nearest bucket), fwd and bwd, on
-      # the mixed regime, over a space without choices that cannot win at D >= 64 (16-wide tiles,
-      # 2 warps) and with 1-stage dK/dV (gpu_dk_bisect.py).
-      timeout -s TERM $((${TUNE_SECONDS:-520} + 40)) sbbench tune --backend triton --pass both --batch 4 --heads 12 \
-        --head-dim 128,64 --seqlens 4096,16384 --dtype bf16 --regime mixed --trials ${TUNE_TRIALS:-12} \
-        --startup-trials 5 --timeout ${TUNE_SECONDS:-520} --trial-timeout 60 --storage "$STORAGE" \
-        --json "$OUT/tune_tpe.json" --no-progress \
-        --space fwd_BLOCK_M=64,128 --space fwd_BLOCK_N=32,64,128 --space fwd_num_warps=4,8 \
-        --space fwd_num_stages=1,2,3 --space skip_check_keys=128,256,512,1024 --space skip_checks=1,2 \
-        --space skip_log2=-30,-24,-20 --space scan=dot \
-        --space bwd_BLOCK_M=32,64,128 --space bwd_BLOCK_N=16,32,64 --space bwd_num_warps=4,8 \
-        --space bwd_num_stages=1,2 --space bwd_dkdv_BLOCK_M=16,32,64 --space bwd_dkdv_BLOCK_N=64,128 \
-        --space bwd_dkdv_num_warps=4,8 --space bwd_dkdv_num_stages=1 2>&1 | tail -40
-      export_configs
-      ;;
-    tune_bwd)
-      # The dQ and dK/dV tiles per head dim, exhaustively over the choices the probe finds
-      # competitive, 1-stage dK/dV.
-      B="--backend triton --pass bwd --batch 4 --heads 12 --seqlens 4096,16384 --dtype bf16 --regime mixed \
-         --sampler grid --trial-timeout 60 --no-progress --storage $STORAGE --space bwd_BLOCK_M=64 \
-         --space bwd_num_warps=4 --space bwd_num_stages=3 --space bwd_dkdv_BLOCK_N=64 --space bwd_dkdv_num_stages=1"
-      timeout -s TERM 330 sbbench tune $B --head-dim 128 --space bwd_BLOCK_N=32 --space bwd_dkdv_BLOCK_M=32,64,128 \
-        --space bwd_dkdv_num_warps=4,8 --timeout 320 --json "$OUT/tune_bwd_d128.json" 2>&1 | tail -8
-      timeout -s TERM 230 sbbench tune $B --head-dim 64 --space bwd_BLOCK_N=32,64 --space bwd_dkdv_BLOCK_M=32,64 \
-        --space bwd_dkdv_num_warps=4 --timeout 220 --json "$OUT/tune_bwd_d64.json" 2>&1 | tail -8
-      export_configs
-      ;;
-    tune_bwd_regs)
-      # D=64 over the tuned tiles: the dQ register cap (168 fits a third program per SM) and
-      # 2-stage dK/dV. Each trial passes the numerics constraint first.
-      timeout -s TERM 280 sbbench tune --backend triton --pass bwd --batch 4 --heads 12 --head-dim 64 \
-        --seqlens 4096,16384 --dtype bf16 --regime mixed --sampler grid --trial-timeout 60 --no-progress \
-        --storage "$STORAGE" --space bwd_BLOCK_M=64 --space bwd_BLOCK_N=32 --space bwd_num_warps=4 \
-        --space bwd_num_stages=3 --space bwd_dkdv_BLOCK_M=64 --space bwd_dkdv_BLOCK_N=64 \
-        --space bwd_dkdv_num_warps=4 --space bwd_maxnreg=0,168 --space bwd_dkdv_num_stages=1,2 \
-        --timeout 270 --json "$OUT/tune_bwd_regs_d64.json" 2>&1 | tail -8
-      export_configs
       ;;
     *)
       echo "unknown stage $stage"; exit 2;;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The records of reports/<device>/ made with the shipped configs, on two GPUs at once:
 #
-#   OUT=DIR bash scripts/h200_records.sh
+#   OUT=DIR bash scripts/records_two_gpus.sh
 #
 # GPU 0: bench at D=64 (H=24) and D=128 (H=12) beside FA2 and cuDNN (bench_d64.json,
 #        bench_d128.json); the same-architecture fallback (this GPU's own file removed:
