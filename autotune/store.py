@@ -1,6 +1,6 @@
 """Where studies live and how they are named: one Optuna study per tuned-config key.
 
-The key is design.md section 7's: device name, backend, pass, dtype, head dim, GQA group,
+The key is that of docs/design.md section 7: device name, backend, pass, dtype, head dim, GQA group,
 attend_current and sequence-length bucket. Each key gets one study per sampler (``tpe`` or
 ``grid``), named from the key so that a second ``sbbench tune`` with the same flags finds and
 resumes it. What a study was tuned on (the case, the regime, the config space, the versions) is
@@ -110,7 +110,7 @@ def _hide_password(text: str) -> str:
 
 @dataclass(frozen=True)
 class TuneKey:
-    """One tuned-config key (design.md section 7)."""
+    """One tuned-config key (docs/design.md section 7)."""
 
     device: str
     backend: str

@@ -1,5 +1,5 @@
-"""sb_attn's interface: every bad input of design.md section 1 raises ValueError/TypeError naming
-the argument; backends are chosen, refused and plugged in as the design says."""
+"""sb_attn's interface: every bad input of docs/design.md section 1 raises ValueError/TypeError
+naming the argument; backends are chosen, refused and plugged in as the design says."""
 
 from __future__ import annotations
 

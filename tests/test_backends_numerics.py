@@ -183,7 +183,7 @@ def test_chunked_takes_transposed_bthd_views_without_copy():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_chunked_half_precision_within_budget(dtype):
-    # design.md section 4: err <= 2 err_pt + floor, err_pt being reference in the same dtype.
+    # docs/design.md section 4: err <= 2 err_pt + floor, err_pt being reference in the same dtype.
     q, k, v = inputs(1, 2, 2, 100, 32, seed=10)
     q64, k64, v64 = (x.double() for x in (q, k, v))
     o64, rem64 = sbbench.sb_attn(q64, k64, v64, backend="reference")

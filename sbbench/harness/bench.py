@@ -1,4 +1,5 @@
-"""Benchmark: latency, TFLOP/s, peak memory and speedup of backends over cases (design.md 5, 6).
+"""Benchmark: latency, TFLOP/s, peak memory and speedup of backends over cases
+(docs/design.md sections 5 and 6).
 
 :func:`measure` times one backend on one case, mode and regime and returns one result row; it
 never raises for a failing backend (an exception or OOM marks that row, status ``error`` or

@@ -8,7 +8,7 @@ import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 MODES = ("fwd", "bwd", "fwdbwd")
-# design.md section 5: FLOPs as causal FlashAttention, whatever was skipped.
+# docs/design.md section 5: FLOPs as causal FlashAttention, whatever was skipped.
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 

@@ -1,4 +1,5 @@
-"""Numerics check against a float64 oracle with FlashAttention-2's error budget (design.md 4).
+"""Numerics check against a float64 oracle with FlashAttention-2's error budget
+(docs/design.md section 4).
 
 For one backend, case and regime: draw fresh random inputs; run the backend with its outputs
 poisoned; compare o, rem and the gradients dq, dk, dv (for random upstream gradients do, drem)

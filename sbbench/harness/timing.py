@@ -1,4 +1,4 @@
-"""Timing and peak memory of one callable (design.md section 6).
+"""Timing and peak memory of one callable (docs/design.md section 6).
 
 GPU: ``triton.testing.do_bench``, which flushes the L2 cache before every run and times each run
 with CUDA events after its own warm-up; optionally ``triton.testing.do_bench_cudagraph``, which
