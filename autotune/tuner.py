@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import optuna
 
 from sbbench.autotune import sampler as sampling
-from sbbench.autotune.compare import Comparison, compare_tpe_grid
+from sbbench.autotune.compare import TpeGridComparison, compare_tpe_grid
 from sbbench.autotune.loop import CompilePool, Reporter, StudyRun
 from sbbench.autotune.memory import UnlaunchableConfigs
 from sbbench.autotune.plan import (
@@ -52,7 +52,7 @@ from sbbench.autotune.plan import (
 )
 from sbbench.autotune.store import TuneKey, open_storage
 from sbbench.autotune.studies import enqueue_start, open_study, reap_stale_trials, resolve_study, study_exists
-from sbbench.autotune.summary import StudySummary, summarize, trial_rows
+from sbbench.autotune.summary import StudySummary, summarize_study, trial_rows
 from sbbench.autotune.worker import Worker, import_plugins, visible_gpu_ids
 from sbbench.core.registry import Backend, get_backend
 from sbbench.harness.cases import Case
@@ -71,7 +71,7 @@ class TuneInterrupted(KeyboardInterrupt):
 @dataclass
 class TuneResult:
     summaries: list[StudySummary] = field(default_factory=list)
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: list[TpeGridComparison] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     workers: list[dict[str, Any]] = field(default_factory=list)
@@ -306,7 +306,7 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
     try:
         runner.run()
     finally:
-        summary = summarize(study, plan, runner.numbers, cells, budget_s, time.monotonic() - begun)
+        summary = summarize_study(study, plan, runner.numbers, cells, budget_s, time.monotonic() - begun)
         if runner.exhausted:
             summary.note = "space exhausted"
         elif study_deadline is not None and time.monotonic() >= study_deadline:

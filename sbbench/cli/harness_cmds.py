@@ -18,7 +18,15 @@ from tabulate import tabulate
 
 from sbbench.cli.app import app
 from sbbench.cli.sweep_opts import BENCH, CHECK
-from sbbench.core.results import ResultsFileError, device_name, read_rows, to_frame, write_rows, write_text_atomic
+from sbbench.core.results import (
+    ResultsFileError,
+    device_name,
+    read_rows,
+    shape_label,
+    to_frame,
+    write_rows,
+    write_text_atomic,
+)
 from sbbench.harness.sweep import Sweep, sweeps_from_flags
 
 JsonOpt = Annotated[Optional[Path], typer.Option(
@@ -61,12 +69,6 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
-def _shape(row: Mapping[str, Any]) -> str:
-    kv = f"/{row['kv_heads']}" if row["kv_heads"] != row["heads"] else ""
-    flags = (" varlen" if row.get("varlen") else "") + (" cur" if row.get("attend_current") else "")
-    return f"{row['batch']}x{row['heads']}{kv}x{row['seqlen']}x{row['head_dim']}{flags}"
-
-
 def _status(row: Mapping[str, Any], width: int = 70) -> str:
     status = row.get("status")
     if status == "ok" and row.get("passed") is not False:
@@ -101,10 +103,10 @@ def _implementations(rows: Iterable[Mapping[str, Any]]) -> None:
 
 def check_table(rows: list[dict[str, Any]]) -> str:
     """The terminal table of check rows."""
-    headers = ["backend", "BxHxTxD", "dtype", "regime", "tensor", "err_max", "err_rel_fro", "err_pt",
+    headers = ["backend", "shape", "dtype", "regime", "tensor", "err_max", "err_rel_fro", "err_pt",
                "budget", "fa2_rel_err", "result"]
     body = [
-        [r["backend"], _shape(r), r["dtype"], r["regime"], r.get("tensor") or "", _fmt(r.get("err_max")),
+        [r["backend"], shape_label(r), r["dtype"], r["regime"], r.get("tensor") or "", _fmt(r.get("err_max")),
          _fmt(r.get("err_rel_fro")), _fmt(r.get("err_pt")), _fmt(r.get("budget")), _fmt(r.get("fa2_rel_err")),
          _status(r)]
         for r in rows
@@ -114,13 +116,13 @@ def check_table(rows: list[dict[str, Any]]) -> str:
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
     """The terminal table of bench rows."""
-    headers = ["backend", "BxHxTxD", "dtype", "mode", "regime", "ms", "q20-q80 ms", "TFLOP/s", "peak MiB",
+    headers = ["backend", "shape", "dtype", "mode", "regime", "ms", "q20-q80 ms", "TFLOP/s", "peak MiB",
                "speedup", "skipped", "result"]
     body = []
     for r in rows:
         spread = f"{_fmt(r.get('latency_q20_ms'))}-{_fmt(r.get('latency_q80_ms'))}" if r.get("latency_ms") else ""
         body.append([
-            r["backend"], _shape(r), r["dtype"], r["mode"], r["regime"], _fmt(r.get("latency_ms"), ".4g"), spread,
+            r["backend"], shape_label(r), r["dtype"], r["mode"], r["regime"], _fmt(r.get("latency_ms"), ".4g"), spread,
             _fmt(r.get("tflops"), ".3g"), _fmt(r.get("peak_mem_mib"), ".1f"), _fmt(r.get("speedup"), ".2f"),
             _fmt(r.get("skipped_fraction"), ".2f"), _status(r),
         ])

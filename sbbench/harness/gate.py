@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, write_text_atomic
+from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, shape_label, write_text_atomic
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -139,8 +139,8 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Timing:
-    """One side of a comparison: median and spread in milliseconds."""
+class RowTiming:
+    """One side of a comparison (a matched bench row of one run): median and spread in ms."""
 
     median_ms: float
     q20_ms: float
@@ -150,11 +150,13 @@ class Timing:
 
 
 @dataclass
-class Comparison:
+class RowComparison:
+    """The verdict on one matched key: its status, both sides' timings and the relative change."""
+
     key: dict[str, Any]
     status: str
-    baseline: Timing | None = None
-    current: Timing | None = None
+    baseline: RowTiming | None = None
+    current: RowTiming | None = None
     change: float | None = None  # current / baseline - 1
     note: str = ""
 
@@ -175,10 +177,10 @@ class GateResult:
     settings: GateSettings
     baseline: RunInfo
     current: RunInfo
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: list[RowComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def with_status(self, status: str) -> list[Comparison]:
+    def with_status(self, status: str) -> list[RowComparison]:
         return [c for c in self.comparisons if c.status == status]
 
     def counts(self) -> dict[str, int]:
@@ -207,7 +209,7 @@ class GateResult:
         }
 
 
-def _timing(row: Mapping[str, Any], path: Path, index: int) -> Timing:
+def _timing(row: Mapping[str, Any], path: Path, index: int) -> RowTiming:
     """The row's latency and spread; a malformed value makes the whole file unusable."""
     median = row["latency_ms"]
     where = f"{path}: row {index} ({row.get('backend')}, seqlen {row.get('seqlen')}, {row.get('mode')})"
@@ -228,14 +230,14 @@ def _timing(row: Mapping[str, Any], path: Path, index: int) -> Timing:
     # interval must contain the median for the overlap test to mean anything.
     lo = min(q20, median) if q20 is not None else median
     hi = max(q80, median) if q80 is not None else median
-    return Timing(float(median), float(lo), float(hi), has_spread)
+    return RowTiming(float(median), float(lo), float(hi), has_spread)
 
 
 def _bench_rows(
     rows: list[dict[str, Any]], path: Path
-) -> tuple[dict[tuple, Timing], dict[tuple, tuple[str, str]]]:
+) -> tuple[dict[tuple, RowTiming], dict[tuple, tuple[str, str]]]:
     """Usable timings by key, and for keys with no usable row, its status and why (status and error)."""
-    timings: dict[tuple, list[Timing]] = {}
+    timings: dict[tuple, list[RowTiming]] = {}
     unusable: dict[tuple, tuple[str, str]] = {}
     for index, row in enumerate(rows):
         if row.get("command") != "bench":
@@ -252,7 +254,7 @@ def _bench_rows(
     usable = {}
     for key, found in timings.items():
         fastest = min(found, key=lambda t: t.median_ms)
-        usable[key] = Timing(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found))
+        usable[key] = RowTiming(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found))
     return usable, {k: v for k, v in unusable.items() if k not in usable}
 
 
@@ -277,11 +279,11 @@ def _devices(rows: Iterable[Mapping[str, Any]]) -> set[str]:
     return {str(r["device"]) for r in rows if r.get("command") == "bench" and r.get("device") is not None}
 
 
-def _relative_spread(t: Timing) -> float:
+def _relative_spread(t: RowTiming) -> float:
     return (t.q80_ms - t.q20_ms) / t.median_ms
 
 
-def _classify(b: Timing, c: Timing, s: GateSettings) -> tuple[str, str]:
+def _classify(b: RowTiming, c: RowTiming, s: GateSettings) -> tuple[str, str]:
     change = c.median_ms / b.median_ms - 1
     delta = c.median_ms - b.median_ms
     notes = []
@@ -353,18 +355,18 @@ def compare_rows(
         b, c = bok.get(key), cok.get(key)
         if b is None:
             note = f"baseline row {bbad[key][1]}" if key in bbad else "new row"
-            result.comparisons.append(Comparison(named, MISSING_BASELINE, current=c, note=note))
+            result.comparisons.append(RowComparison(named, MISSING_BASELINE, current=c, note=note))
         elif c is None:
             status, reason = cbad.get(key, (None, "not measured"))
             if settings.fail_on_error and status in BROKEN_STATUSES:
-                result.comparisons.append(Comparison(named, REGRESSION, baseline=b, note=f"ok in baseline, now {reason}"))
+                result.comparisons.append(RowComparison(named, REGRESSION, baseline=b, note=f"ok in baseline, now {reason}"))
             else:
                 note = f"current row {reason}" if key in cbad else reason
-                result.comparisons.append(Comparison(named, MISSING_CURRENT, baseline=b, note=note))
+                result.comparisons.append(RowComparison(named, MISSING_CURRENT, baseline=b, note=note))
         else:
             status, note = _classify(b, c, settings)
             change = c.median_ms / b.median_ms - 1
-            result.comparisons.append(Comparison(named, status, b, c, change, note))
+            result.comparisons.append(RowComparison(named, status, b, c, change, note))
     return result
 
 
@@ -380,20 +382,7 @@ def compare_files(
     return compare_rows(baseline_rows, current_rows, settings, baseline_path=baseline, current_path=current)
 
 
-def shape_label(key: Mapping[str, Any]) -> str:
-    """``B=4 H=12 T=4096 D=128`` plus kv heads, varlen and attend_current when they apply."""
-    parts = [f"B={key.get('batch')}", f"H={key.get('heads')}"]
-    if key.get("kv_heads") not in (None, key.get("heads")):
-        parts.append(f"Hkv={key.get('kv_heads')}")
-    parts += [f"T={key.get('seqlen')}", f"D={key.get('head_dim')}"]
-    if key.get("varlen"):
-        parts.append("varlen")
-    if key.get("attend_current"):
-        parts.append("attend_current")
-    return " ".join(parts)
-
-
-def _fmt_timing(t: Timing | None) -> str:
+def _fmt_timing(t: RowTiming | None) -> str:
     if t is None:
         return "-"
     if not t.has_spread:
