@@ -1,4 +1,4 @@
-"""What a study did, for the summary table and the ``--json`` records: its best config against
+"""What a study did, for the summary table and the tune results rows: its best config against
 the default, how its trials ended, and how well its time was spent (trials per minute, the
 median trial's time, how long until it came within 2% of its final best)."""
 
@@ -138,7 +138,7 @@ def summarize_study(study: optuna.Study, plan: Plan, run_numbers: Sequence[int],
 
 
 def trial_rows(study: optuna.Study, plan: Plan, regime: str) -> list[TuneRow]:
-    """One results-schema row per trial (command "tune"), for ``--json`` and ``sbbench report``."""
+    """One results-schema row per trial (command "tune"), for the tune results file and ``sbbench report``."""
     attrs = study.user_attrs
     trials = real_trials(study.get_trials(deepcopy=False))
     default = default_trial(trials, plan.space, plan.default)

@@ -16,7 +16,7 @@ import torch
 import typer
 from tabulate import tabulate
 
-from sbbench.cli.app import app
+from sbbench.cli.app import app, flag_message
 from sbbench.cli.harness_cmds import _fail_usage, _fmt, _status, _write_outputs
 from sbbench.core.results import shape_label
 
@@ -36,6 +36,10 @@ AttendCurrentOpt = Annotated[bool, typer.Option("--attend-current/--no-attend-cu
 RaggedOpt = Annotated[bool, typer.Option("--ragged/--uniform", help="Ragged cache lengths within each batch.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: the GPU when there is one).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed the random inputs (default: fresh every run).")]
+
+
+# The library names the backend a single call runs; these commands take a list.
+DECODE_FLAGS = {"backend": "--backends"}
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -60,7 +64,7 @@ def _setup(backends, batch, cache_len, new_tokens, heads, kv_heads, head_dim, dt
                                              _ints("--new-tokens", new_tokens))
         ]
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, DECODE_FLAGS)) from None
     regimes = [r.strip() for r in regime.split(",") if r.strip()]
     return [n for n in names if n], cases, regimes, device
 
@@ -73,7 +77,7 @@ def _run(runner, backends, batch, cache_len, new_tokens, heads, kv_heads, head_d
     try:
         return runner(names, cases, regimes, device, seed=seed)
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, DECODE_FLAGS)) from None
 
 
 def decode_check_table(rows: list[dict[str, Any]]) -> str:

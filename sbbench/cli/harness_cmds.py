@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
 import typer
 from tabulate import tabulate
 
-from sbbench.cli.app import app
+from sbbench.cli.app import app, flag_message
 from sbbench.cli.sweep_opts import BENCH, CHECK
 from sbbench.core.results import (
     ResultsFileError,
@@ -44,6 +44,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+# The library names the backend a single call runs; check and bench take a list.
+HARNESS_FLAGS = {"backend": "--backends"}
+
+
 def _fail_usage(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(EXIT_USAGE)
@@ -53,7 +57,7 @@ def _sweeps(command: str, sweep_file: Path | None, device: str | None, **flags: 
     try:
         return sweeps_from_flags(command, sweep_file=sweep_file, device=device, **flags)
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, HARNESS_FLAGS)) from None
 
 
 def _print_notes(sweeps: Iterable[Sweep]) -> None:
@@ -179,7 +183,7 @@ def _run_sweeps(run: Callable[[Sweep, list[dict[str, Any]]], list[dict[str, Any]
         for s in sweeps:
             progress.rows = run(s, progress.rows)
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, HARNESS_FLAGS)) from None
     except KeyboardInterrupt:
         return True
     except Exception:

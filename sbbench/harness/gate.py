@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from sbbench.core.errors import ArgumentError
 from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, shape_label, write_text_atomic
 
 REGRESSION = "regression"
@@ -72,6 +73,10 @@ GATE_JSON_VERSION = 1
 
 class GateInputError(ValueError):
     """The two runs cannot be compared: the message says which file and why."""
+
+
+class GateSettingError(GateInputError, ArgumentError):
+    """A :class:`GateSettings` field out of range; ``argument`` names it."""
 
 
 def _number(value: Any, finite: bool = True) -> bool:
@@ -93,15 +98,15 @@ class GateSettings:
 
     def __post_init__(self) -> None:
         if not (_number(self.threshold) and 0 <= self.threshold < 10):
-            raise GateInputError(f"threshold: expected a fraction in [0, 10), got {self.threshold!r}")
+            raise GateSettingError("threshold", f"expected a fraction in [0, 10), got {self.threshold!r}")
         if not (_number(self.min_delta_ms) and self.min_delta_ms >= 0):
-            raise GateInputError(f"min_delta_ms: expected a number >= 0, got {self.min_delta_ms!r}")
+            raise GateSettingError("min_delta_ms", f"expected a number >= 0, got {self.min_delta_ms!r}")
         # max_spread may be inf: "never call a row too noisy".
         if not (_number(self.max_spread, finite=False) and self.max_spread > 0):
-            raise GateInputError(f"max_spread: expected a number > 0, got {self.max_spread!r}")
+            raise GateSettingError("max_spread", f"expected a number > 0, got {self.max_spread!r}")
         for name in ("fail_on_missing", "fail_on_error"):
             if not isinstance(getattr(self, name), bool):
-                raise GateInputError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+                raise GateSettingError(name, f"expected true or false, got {getattr(self, name)!r}")
 
 
 def load_settings(path: str | os.PathLike) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sbbench.core.config_loader import device_file_stem
+from sbbench.core.errors import ArgumentError
 from sbbench.core.results import SHAPE_FLAGS, ResultsFileError, read_rows, shape_label
 from sbbench.harness import plots as plots_mod
 
@@ -56,7 +57,11 @@ _STUDY_COLUMNS = ("study", "sampler", "backend", "pass", "mode", "dtype", "head_
 
 
 class ReportInputError(ValueError):
-    """Input the report cannot use (missing or broken file, mixed devices, bad --out)."""
+    """Input the report cannot use (missing or broken file, mixed devices, a bad ``out`` folder)."""
+
+
+class ReportOutError(ReportInputError, ArgumentError):
+    """The output folder ``out`` cannot be used."""
 
 
 @dataclass
@@ -518,13 +523,13 @@ def render_report(rows: list[dict[str, Any]], sources: list[_Source], device: st
 
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ReportInputError(f"--out: {out} is a file; expected a folder")
+        raise ReportOutError("out", f"{out} is a file; expected a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReportInputError(f"--out: cannot create {out} ({exc.strerror or exc})") from exc
+        raise ReportOutError("out", f"cannot create {out} ({exc.strerror or exc})") from exc
     if not os.access(out, os.W_OK):
-        raise ReportInputError(f"--out: {out} is not writable")
+        raise ReportOutError("out", f"{out} is not writable")
 
 
 def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> WrittenReport:
