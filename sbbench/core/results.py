@@ -329,13 +329,20 @@ class ResultsFileError(ValueError):
     """A results file that cannot be used: unreadable, not JSON, or another schema."""
 
 
+def read_text(path: Path, error: type[Exception]) -> str:
+    """The text of ``path``; ``error`` naming the file and why when it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a results file; raises :class:`ResultsFileError` saying why it is unusable."""
     path = Path(path)
+    text = read_text(path, ResultsFileError)
     try:
-        payload = json.loads(path.read_text())
-    except OSError as exc:
-        raise ResultsFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ResultsFileError(f"{path}: not valid JSON (truncated?): {exc.msg} at line {exc.lineno}") from exc
     if not isinstance(payload, dict) or "rows" not in payload:

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from sbbench.core.errors import ArgumentError
-from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, shape_label, write_text_atomic
+from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, read_text, shape_label, write_text_atomic
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -122,10 +122,9 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
             raise GateInputError(f"{path}: reading TOML settings needs Python 3.11+ or the tomli package") from None
+    text = read_text(path, GateInputError)
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise GateInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GateInputError(f"{path}: not valid TOML: {exc}") from exc
     table = data.get("gate", data)
