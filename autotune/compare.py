@@ -16,7 +16,7 @@ from sbbench.autotune.summary import NEAR_BEST, real_trials, trial_seconds
 
 
 @dataclass
-class Comparison:
+class TpeGridComparison:
     """How long TPE took to come within 2% of the grid's best, for one key."""
 
     key: TuneKey
@@ -53,7 +53,7 @@ def wall_seconds(trials: Sequence[FrozenTrial]) -> float:
     return sum(trial_seconds(t) for t in trials)
 
 
-def compare_tpe_grid(storage: Any, key: TuneKey, space: sampling.Space | None = None) -> Comparison | None:
+def compare_tpe_grid(storage: Any, key: TuneKey, space: sampling.Space | None = None) -> TpeGridComparison | None:
     """TPE against the grid for one key (over the same space, ``space`` or the grid's), when
     both studies exist: the grid's best checked latency and its wall time, and how many TPE
     trials and wall seconds it took TPE to come within 2% of that best."""
@@ -85,7 +85,7 @@ def compare_tpe_grid(storage: Any, key: TuneKey, space: sampling.Space | None = 
                 needed, hit_trial, hit_ms, hit_params = count, t.number, t.value, dict(t.params)
                 seconds = wall_seconds(tpe_trials[:count])
                 break
-    return Comparison(
+    return TpeGridComparison(
         key=key, grid_best_ms=grid_best, grid_best_params=dict(grid_best_trial.params) if grid_best_trial else None,
         grid_trials=len(grid_trials),
         grid_cells=int(grid_s.attrs.get("admissible_cells") or (sampling.space_size(grid_space) if grid_space

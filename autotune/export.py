@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from sbbench.autotune import sampler as sampling
 from sbbench.autotune.store import StoredStudy, TuneKey, list_studies, open_storage
 from sbbench.core import config_loader
+from sbbench.core.errors import ArgumentError
 
 
 @dataclass
@@ -40,9 +41,8 @@ class ExportResult:
 
 
 # A tuned config replaces the default only when it is this much faster: a "win" within the
-# run-to-run noise of a latency median (about 1% on the H100) is a coin toss on the tuning
-# regime and can lose more than that on another (the D=64, T=16384 forward took a config 1.003x
-# faster on `mixed` and 10% slower on `dense`).
+# run-to-run noise of a latency median (about 1%) is a coin toss on the tuning regime, and a
+# config marginally faster on `mixed` can be clearly slower on another regime such as `dense`.
 DEFAULT_MIN_SPEEDUP = 1.02
 
 
@@ -87,7 +87,7 @@ def export_configs(
     """Write the config files for every (device, backend) tuned in ``storage_url``; per key the
     fastest feasible config, or the default unless that is ``min_speedup`` times faster."""
     if not (isinstance(min_speedup, (int, float)) and min_speedup >= 1.0):
-        raise ValueError(f"min_speedup: expected a number >= 1, got {min_speedup!r}")
+        raise ArgumentError("min_speedup", f"expected a number >= 1, got {min_speedup!r}")
     storage = open_storage(storage_url)
     studies = list_studies(storage, backend)
     result = ExportResult()
@@ -141,7 +141,7 @@ def export_configs(
         try:
             config_loader.write_config_file(path, data)
         except OSError as exc:
-            raise ValueError(f"--out: cannot write {path} ({exc.strerror or exc})") from None
+            raise ArgumentError("out_dir", f"cannot write {path} ({exc.strerror or exc})") from None
         result.files.append(path)
 
     search = [p.resolve() for p in config_loader.config_search_path()]

@@ -43,7 +43,7 @@ class Reporter:
         pass
 
     def trial_done(self, plan: Plan, trial: FrozenTrial, best_ms: float | None, row: Mapping[str, Any]) -> None:
-        """A trial was told; ``row`` is its results row (what ``--json`` holds)."""
+        """A trial was told; ``row`` is its results row (what the tune results file holds)."""
 
     def end_study(self, summary: Any) -> None:
         pass

@@ -9,12 +9,12 @@ directory (``unlaunchable.json``), written atomically.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 from sbbench.autotune.store import TuneKey, cache_dir
+from sbbench.core.results import write_text_atomic
 
 
 def _scope(key: TuneKey) -> str:
@@ -52,9 +52,6 @@ class UnlaunchableConfigs:
         with self._lock:
             self._known.setdefault(_scope(key), {})[_cell(params)] = reason[:300]
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-                tmp.write_text(json.dumps(self._known, indent=1, sort_keys=True) + "\n")
-                os.replace(tmp, self.path)
+                write_text_atomic(self.path, json.dumps(self._known, indent=1, sort_keys=True) + "\n")
             except OSError:
                 pass  # remembering is an optimisation; this run still knows

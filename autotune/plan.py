@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from sbbench.autotune import sampler as sampling
 from sbbench.autotune.store import SAMPLERS, TuneKey
+from sbbench.core.errors import ArgumentError
 from sbbench.core.registry import Backend
 from sbbench.core.tuned import config_key
 from sbbench.harness.cases import Case
@@ -32,15 +33,10 @@ PASS_WEIGHT = {"fwd": 1.0, "bwd": 2.5}
 CHECK_REGIMES = ("mixed",)
 
 
-class TuneError(ValueError):
+class TuneError(ArgumentError):
     """A tuning run that cannot start. ``argument`` names the setting at fault (a
     :class:`TuneSettings` field, or ``space`` for one of its entries); the CLI renders it as
     its flag."""
-
-    def __init__(self, argument: str, message: str) -> None:
-        super().__init__(f"{argument}: {message}")
-        self.argument = argument
-        self.message = message
 
 
 @dataclass

@@ -7,7 +7,7 @@ when TPE's model keeps pointing at the best cell, and not in the grid. :class:`D
 wraps a model (TPE) and falls back to a random *untried* cell whenever the model proposes a
 config the study has already run, is running or has queued.
 
-``--sampler grid`` is the same wrapper with no model: every trial draws a random untried cell,
+The ``grid`` sampler is the same wrapper with no model: every trial draws a random untried cell,
 which is what Optuna's ``GridSampler`` does, except that it also honours the enqueued default
 config, retries cells whose trial was interrupted by killing the tuner, and does not call
 ``study.stop()`` (which raises outside ``study.optimize``) when the grid is exhausted.
@@ -30,6 +30,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from sbbench.core.errors import ArgumentError
 from sbbench.core.registry import Backend
 
 Space = dict[str, tuple[Any, ...]]
@@ -55,7 +56,7 @@ def pass_space(backend: Backend, pass_: str) -> Space:
 
 def default_params(backend: Backend, space: Space) -> dict[str, Any]:
     """The backend's default config within ``space``: a space restricted to exclude a default
-    value (``--space bwd_dkdv_BLOCK_N=128``) starts from its first choice instead, as a trial
+    value (``space={"bwd_dkdv_BLOCK_N": [128]}``) starts from its first choice instead, as a trial
     outside the space's choices could not be told to the sampler."""
     params = {}
     for name, choices in space.items():
@@ -308,7 +309,7 @@ def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10, c
     if kind == "grid":
         return DedupSampler(space, None, seed=seed, cells=cells)
     if kind != "tpe":
-        raise ValueError(f"--sampler: expected tpe or grid, got {kind!r}")
+        raise ArgumentError("kind", f"expected tpe or grid, got {kind!r}")
     with warnings.catch_warnings():
         # Optuna 5 prefers Trial.set_constraint, but optuna>=4.0 is supported and the
         # constraints_func route (value kept in user_attrs) reads the same in both.

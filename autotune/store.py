@@ -1,6 +1,6 @@
 """Where studies live and how they are named: one Optuna study per tuned-config key.
 
-The key is design.md section 7's: device name, backend, pass, dtype, head dim, GQA group,
+The key is that of docs/design.md section 7: device name, backend, pass, dtype, head dim, GQA group,
 attend_current and sequence-length bucket. Each key gets one study per sampler (``tpe`` or
 ``grid``), named from the key so that a second ``sbbench tune`` with the same flags finds and
 resumes it. What a study was tuned on (the case, the regime, the config space, the versions) is
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sbbench.core.config_loader import device_file_stem
+from sbbench.core.errors import ArgumentError
 
 STUDY_PREFIX = "sbbench"
 STUDY_SCHEMA = 1
@@ -48,13 +49,13 @@ def default_export_dir() -> Path:
 def open_storage(url: str | None) -> Any:
     """An Optuna RDB storage for ``url`` (default: the cache's SQLite file).
 
-    Raises ``ValueError`` naming ``--storage`` when the URL is not usable.
+    Raises :class:`~sbbench.core.errors.ArgumentError` naming ``storage`` when the URL is not usable.
     """
     import optuna
 
     url = url or default_storage_url()
     if "://" not in url:
-        raise ValueError(f"--storage: expected a database URL such as sqlite:///path/tune.db or "
+        raise ArgumentError("storage", f"expected a database URL such as sqlite:///path/tune.db or "
                          f"postgresql://user:pass@host/db, got {url!r}")
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
@@ -63,7 +64,7 @@ def open_storage(url: str | None) -> Any:
             try:
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ValueError(f"--storage: cannot create the directory of {path}: {exc.strerror or exc}") from exc
+                raise ArgumentError("storage", f"cannot create the directory of {path}: {exc.strerror or exc}") from exc
         # Several threads (one per GPU) and other tuners on this host share the file: wait for
         # the lock instead of failing with "database is locked".
         engine_kwargs["connect_args"] = {"timeout": 120}
@@ -75,10 +76,10 @@ def open_storage(url: str | None) -> Any:
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as exc:
-        raise ValueError(f"--storage: the database driver for {url.split(':', 1)[0]} is not installed ({exc})") from exc
+        raise ArgumentError("storage", f"the database driver for {url.split(':', 1)[0]} is not installed ({exc})") from exc
     except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
         first_line = _hide_password(str(exc).splitlines()[0] if str(exc) else "")
-        raise ValueError(f"--storage: cannot open {_hide_password(url)}: {type(exc).__name__}: {first_line}") from exc
+        raise ArgumentError("storage", f"cannot open {_hide_password(url)}: {type(exc).__name__}: {first_line}") from exc
 
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -90,7 +91,7 @@ POSTGRES_DRIVERS = (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+
 def postgres_url(url: str) -> str:
     """A ``postgresql://`` (or ``postgres://``) URL with the dialect of an installed driver;
     a URL naming its driver (``postgresql+psycopg://``) is kept. Raises ``ValueError`` naming
-    ``--storage`` when the driver is not installed."""
+    ``storage`` when the driver is not installed."""
     import importlib.util
 
     scheme, rest = url.split("://", 1)
@@ -100,7 +101,7 @@ def postgres_url(url: str) -> str:
         if importlib.util.find_spec(module) is not None:
             return f"{dialect}://{rest}"
     drivers = " or ".join(m for m, _ in wanted)
-    raise ValueError(f"--storage: {_hide_password(url)} needs a PostgreSQL driver ({drivers}), which is not "
+    raise ArgumentError("storage", f"{_hide_password(url)} needs a PostgreSQL driver ({drivers}), which is not "
                      "installed: pip install 'sbbench[postgres]'")
 
 
@@ -110,7 +111,7 @@ def _hide_password(text: str) -> str:
 
 @dataclass(frozen=True)
 class TuneKey:
-    """One tuned-config key (design.md section 7)."""
+    """One tuned-config key (docs/design.md section 7)."""
 
     device: str
     backend: str

@@ -1,4 +1,4 @@
-"""What a study did, for the summary table and the ``--json`` records: its best config against
+"""What a study did, for the summary table and the tune results rows: its best config against
 the default, how its trials ended, and how well its time was spent (trials per minute, the
 median trial's time, how long until it came within 2% of its final best)."""
 
@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sbbench.autotune import sampler as sampling
 from sbbench.autotune.plan import Plan
 from sbbench.autotune.store import TuneKey
-from sbbench.core.results import make_row
+from sbbench.core.results import TuneRow, new_row
 from sbbench.harness.cases import Case
 
 # "Within 2% of the final best": the time-to-solution figure of each study.
@@ -101,7 +101,7 @@ def seconds_to_near_best(trials: Sequence[FrozenTrial], best_ms: float | None) -
     return min(hits) if hits else None
 
 
-def summarize(study: optuna.Study, plan: Plan, run_numbers: Sequence[int], cells: sampling.Cells,
+def summarize_study(study: optuna.Study, plan: Plan, run_numbers: Sequence[int], cells: sampling.Cells,
               budget_s: float | None = None, used_s: float | None = None) -> StudySummary:
     """The numbers of the summary table for one study."""
     trials = real_trials(study.get_trials(deepcopy=False))
@@ -137,8 +137,8 @@ def summarize(study: optuna.Study, plan: Plan, run_numbers: Sequence[int], cells
     )
 
 
-def trial_rows(study: optuna.Study, plan: Plan, regime: str) -> list[dict[str, Any]]:
-    """One results-schema row per trial (command "tune"), for ``--json`` and ``sbbench report``."""
+def trial_rows(study: optuna.Study, plan: Plan, regime: str) -> list[TuneRow]:
+    """One results-schema row per trial (command "tune"), for the tune results file and ``sbbench report``."""
     attrs = study.user_attrs
     trials = real_trials(study.get_trials(deepcopy=False))
     default = default_trial(trials, plan.space, plan.default)
@@ -147,13 +147,13 @@ def trial_rows(study: optuna.Study, plan: Plan, regime: str) -> list[dict[str, A
 
 
 def trial_row(t: FrozenTrial, plan: Plan, study_attrs: Mapping[str, Any], regime: str, default_ms: float | None,
-              default: FrozenTrial | None) -> dict[str, Any]:
+              default: FrozenTrial | None) -> TuneRow:
     ua = t.user_attrs
     latency = t.value if t.state == TrialState.COMPLETE else None
     status = str(ua.get("status") or ("ok" if t.state == TrialState.COMPLETE else "error"))
     measured = ua.get("latency_ms") if t.state == TrialState.PRUNED else latency
-    return make_row(
-        command="tune", device=plan.key.device, torch_version=study_attrs.get("torch_version"),
+    return new_row(
+        TuneRow, command="tune", device=plan.key.device, torch_version=study_attrs.get("torch_version"),
         triton_version=study_attrs.get("triton_version"), sbbench_version=study_attrs.get("sbbench_version"),
         git_commit=ua.get("git_commit"), backend=plan.key.backend, implementation=ua.get("implementation"),
         config=ua.get("config") or dict(t.params), **asdict(plan.case), mode=plan.key.pass_, regime=regime,

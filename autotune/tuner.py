@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import optuna
 
 from sbbench.autotune import sampler as sampling
-from sbbench.autotune.compare import Comparison, compare_tpe_grid
+from sbbench.autotune.compare import TpeGridComparison, compare_tpe_grid
 from sbbench.autotune.loop import CompilePool, Reporter, StudyRun
 from sbbench.autotune.memory import UnlaunchableConfigs
 from sbbench.autotune.plan import (
@@ -52,8 +52,9 @@ from sbbench.autotune.plan import (
 )
 from sbbench.autotune.store import TuneKey, open_storage
 from sbbench.autotune.studies import enqueue_start, open_study, reap_stale_trials, resolve_study, study_exists
-from sbbench.autotune.summary import StudySummary, summarize, trial_rows
+from sbbench.autotune.summary import StudySummary, summarize_study, trial_rows
 from sbbench.autotune.worker import Worker, import_plugins, visible_gpu_ids
+from sbbench.core.errors import ArgumentError
 from sbbench.core.registry import Backend, get_backend
 from sbbench.harness.cases import Case
 
@@ -71,7 +72,7 @@ class TuneInterrupted(KeyboardInterrupt):
 @dataclass
 class TuneResult:
     summaries: list[StudySummary] = field(default_factory=list)
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: list[TpeGridComparison] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     workers: list[dict[str, Any]] = field(default_factory=list)
@@ -96,8 +97,8 @@ def _gpus(settings: TuneSettings) -> list[tuple[int, str] | None]:
             raise TuneError("devices", f"{list(settings.devices)} names a GPU twice")
         try:
             return list(visible_gpu_ids(settings.devices))
-        except ValueError as exc:
-            raise TuneError("devices", str(exc).removeprefix("--devices: ")) from None
+        except ArgumentError as exc:
+            raise TuneError("devices", exc.message) from None
     if torch.cuda.is_available():
         return list(visible_gpu_ids([0]))
     return [None] * settings.cpu_workers
@@ -155,9 +156,12 @@ def _start_workers(settings: TuneSettings) -> tuple[list[Worker], list[Worker]]:
 def _check_backend(settings: TuneSettings) -> Backend:
     try:
         import_plugins(settings.plugins)
+    except ArgumentError as exc:
+        raise TuneError("plugins", exc.message) from None
+    try:
         backend = get_backend(settings.backend)
-    except (ValueError, TypeError) as exc:
-        raise TuneError("backend", str(exc).removeprefix("backend: ")) from None
+    except ArgumentError as exc:
+        raise TuneError("backend", exc.message) from None
     if backend.kind != "stickbreaking":
         raise TuneError("backend", f"{backend.name!r} is a {backend.kind} comparator, not a stick-breaking backend")
     if not backend.config_space:
@@ -211,8 +215,8 @@ def run_tuning(settings: TuneSettings, reporter: Reporter | None = None) -> Tune
     backend = _check_backend(settings)
     try:
         storage = open_storage(settings.storage)
-    except ValueError as exc:
-        raise TuneError("storage", str(exc).removeprefix("--storage: ")) from None
+    except ArgumentError as exc:
+        raise TuneError("storage", exc.message) from None
 
     started_at = time.monotonic()
     deadline = None if settings.time_budget_s is None else started_at + settings.time_budget_s
@@ -306,7 +310,7 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
     try:
         runner.run()
     finally:
-        summary = summarize(study, plan, runner.numbers, cells, budget_s, time.monotonic() - begun)
+        summary = summarize_study(study, plan, runner.numbers, cells, budget_s, time.monotonic() - begun)
         if runner.exhausted:
             summary.note = "space exhausted"
         elif study_deadline is not None and time.monotonic() >= study_deadline:

@@ -31,6 +31,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from sbbench.core.errors import ArgumentError
+
 # Error text that means the kernel could not be built or launched at all (too much shared memory
 # or too many registers for the chip): nothing ran, so the CUDA context is still usable.
 _HARMLESS_ERRORS = ("outofresources", "out of resource", "shared memory", "compilationerror", "registers")
@@ -44,11 +46,11 @@ def import_plugins(specs: Sequence[str]) -> None:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ValueError(f"--import: cannot import {module_name!r}: {exc}") from exc
+            raise ArgumentError("plugins", f"cannot import {module_name!r}: {exc}") from exc
         if func:
             target = getattr(module, func, None)
             if not callable(target):
-                raise ValueError(f"--import: {module_name!r} has no function {func!r}")
+                raise ArgumentError("plugins", f"{module_name!r} has no function {func!r}")
             target()
 
 
@@ -320,7 +322,7 @@ def _positive(x: Any) -> bool:
 
 
 class WorkerStartError(RuntimeError):
-    """A worker process could not start (bad --import, broken install, no such GPU)."""
+    """A worker process could not start (a plug-in that fails to import, a broken install, no such GPU)."""
 
 
 @dataclass
@@ -462,7 +464,7 @@ def _exit_text(code: int | None) -> str:
 
 
 def visible_gpu_ids(devices: Sequence[int]) -> list[tuple[int, str]]:
-    """``--devices`` indices (which count the GPUs this process sees, so they respect a
+    """``devices`` indices (which count the GPUs this process sees, so they respect a
     CUDA_VISIBLE_DEVICES already set) with the id each worker puts in its CUDA_VISIBLE_DEVICES."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not visible.strip():
@@ -471,7 +473,7 @@ def visible_gpu_ids(devices: Sequence[int]) -> list[tuple[int, str]]:
     out = []
     for d in devices:
         if d >= len(ids):
-            raise ValueError(f"--devices: index {d} but CUDA_VISIBLE_DEVICES={visible!r} shows {len(ids)} GPU(s)")
+            raise ArgumentError("devices", f"index {d} but CUDA_VISIBLE_DEVICES={visible!r} shows {len(ids)} GPU(s)")
         out.append((d, ids[d]))
     return out
 

@@ -1,5 +1,5 @@
-"""sb_attn's interface: every bad input of design.md section 1 raises ValueError/TypeError naming
-the argument; backends are chosen, refused and plugged in as the design says."""
+"""sb_attn's interface: every bad input of docs/design.md section 1 raises ValueError/TypeError
+naming the argument; backends are chosen, refused and plugged in as the design says."""
 
 from __future__ import annotations
 
@@ -42,41 +42,23 @@ def raises(exc, arg: str, fn, *args, **kwargs):
 # --- shapes, heads, head dims ----------------------------------------------------------------
 
 
-def test_sequence_length_mismatch_names_k():
-    q, _, _ = qkv(t=8)
-    _, k, v = qkv(t=9)
-    raises(ValueError, "k", sbbench.sb_attn, q, k, v)
-
-
-def test_batch_mismatch_names_k():
-    q, _, _ = qkv(b=2)
-    _, k, v = qkv(b=1)
-    raises(ValueError, "k", sbbench.sb_attn, q, k, v)
-
-
-def test_v_shape_mismatch_names_v():
-    q, k, _ = qkv()
-    _, _, v = qkv(t=7)
-    raises(ValueError, "v", sbbench.sb_attn, q, k, v)
-
-
-def test_heads_not_divisible_names_k():
-    q, _, _ = qkv(h=4)
-    _, k, v = qkv(hkv=3)
-    err = raises(ValueError, "k", sbbench.sb_attn, q, k, v)
-    assert "heads" in str(err)
-
-
-def test_head_dim_mismatch_names_k():
-    q, _, _ = qkv(d=4)
-    _, k, v = qkv(d=6)
-    raises(ValueError, "k", sbbench.sb_attn, q, k, v)
-
-
-def test_v_head_dim_mismatch_names_v():
-    q, k, _ = qkv(d=4)
-    _, _, v = qkv(d=6)
-    raises(ValueError, "v", sbbench.sb_attn, q, k, v)
+@pytest.mark.parametrize("good, bad, wrong, words", [
+    ({"t": 8}, {"t": 9}, "k", ""),  # sequence length
+    ({"b": 2}, {"b": 1}, "k", ""),  # batch
+    ({"h": 4}, {"hkv": 3}, "k", "heads"),  # query heads not a multiple of kv heads
+    ({"d": 4}, {"d": 6}, "k", ""),  # head dim
+    ({}, {"t": 7}, "v", ""),  # v's shape alone
+    ({"d": 4}, {"d": 6}, "v", ""),  # v's head dim alone
+], ids=["seqlen-k", "batch-k", "heads-k", "head_dim-k", "seqlen-v", "head_dim-v"])
+def test_shape_mismatch_names_the_tensor(good, bad, wrong, words):
+    q, k, v = qkv(**good)
+    replaced = dict(zip("kv", qkv(**bad)[1:]))
+    if wrong == "k":
+        k, v = replaced["k"], replaced["v"]
+    else:
+        v = replaced["v"]
+    err = raises(ValueError, wrong, sbbench.sb_attn, q, k, v)
+    assert words in str(err)
 
 
 def test_dense_needs_four_dims():

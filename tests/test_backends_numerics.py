@@ -95,11 +95,10 @@ def test_chunked_forward_matches_reference_fp32(shape, attend_current):
 
 def test_chunked_float32_forward_within_twice_pytorch_error():
     # FlashAttention-2's rule without the floor: chunked's float32 o must stay within 2x the
-    # error of the naive formula run in float32, on each of 12 fixed randn draws. Summing A v
-    # nearest-first, chunked was at 1.2x of that on average (up to 2.4x) and failed
-    # `sbbench check` on unlucky draws; summed far-first the worst of 200 draws is 0.76x.
-    # (With logits a few times larger the error is the rounding of z itself, which chunked and
-    # the float32 reference round differently, and single draws land either side of 1x.)
+    # error of the naive formula run in float32, on each of 12 fixed randn draws. This holds
+    # because chunked sums A v far-first (``chunked._far_first``); nearest-first, unlucky draws
+    # exceed it. (With logits a few times larger the error is the rounding of z itself, which
+    # chunked and the float32 reference round differently, so the draws are plain randn.)
     worst = 0.0
     for seed in range(12):
         q, k, v = inputs(1, 2, 1, 128, 32, seed=seed)
@@ -183,7 +182,7 @@ def test_chunked_takes_transposed_bthd_views_without_copy():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_chunked_half_precision_within_budget(dtype):
-    # design.md section 4: err <= 2 err_pt + floor, err_pt being reference in the same dtype.
+    # docs/design.md section 4: err <= 2 err_pt + floor, err_pt being reference in the same dtype.
     q, k, v = inputs(1, 2, 2, 100, 32, seed=10)
     q64, k64, v64 = (x.double() for x in (q, k, v))
     o64, rem64 = sbbench.sb_attn(q64, k64, v64, backend="reference")

@@ -3,9 +3,10 @@ against the float64 oracle at most 2x that of ``reference`` run eagerly in float
 check's floor of one unit in the last place), on ``mixed`` inputs with fixed seeds.
 
 ``mixed`` plants beacon keys (logit ~12, A ~ 1). Compiled as the reference writes it (the sum over
-keys right of j as an inclusive reverse cumsum minus key j's own term), inductor's backward
-cancelled a float16-rounded copy of dA * A against a float32 one behind each beacon, and dq, dk
-came out 4.8-28x over the budget on every one of these draws. On CUDA ``compiled`` keeps the
+keys right of j as an inclusive reverse cumsum minus key j's own term), inductor's CPU backward
+cancels a float16-rounded copy of dA * A against a float32 one behind each beacon, which puts dq
+and dk several times over the budget on these draws; ``compiled`` therefore uses the exclusive
+arrangement on the CPU (``compiled.stick_breaking_weights_exclusive``). On CUDA it keeps the
 reference's arrangement (faster there; ``compiled.formula_for``), and the GPU case checks that it
 is within the same budget.
 """

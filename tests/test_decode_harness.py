@@ -57,10 +57,10 @@ def test_bench_rows_on_cpu():
     assert row["kv_tbps"] == pytest.approx(40 * 2 * 16 * 4 * 2 * 3 / (row["latency_ms"] * 1e-3) / 1e12)
 
 
-def test_bad_case_names_the_flag():
-    with pytest.raises(ValueError, match="^kv-heads:"):
+def test_bad_case_names_the_field():
+    with pytest.raises(ValueError, match="^kv_heads:"):
         DecodeCase(batch=1, heads=4, kv_heads=3, cache_len=8, head_dim=16)
-    with pytest.raises(ValueError, match="^cache-len:"):
+    with pytest.raises(ValueError, match="^cache_len:"):
         DecodeCase(batch=1, heads=4, kv_heads=2, cache_len=0, head_dim=16)
 
 

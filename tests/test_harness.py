@@ -234,13 +234,22 @@ def test_check_json_rows_carry_schema(tmp_path):
         assert r["device"] and r["torch_version"] and r["sbbench_version"]
 
 
-def test_cli_bad_input_is_a_message_not_a_traceback():
-    for args in (["check", "--backends", "nope"], ["bench", "--seqlens", "0"], ["bench", "--heads", "6", "--kv-heads", "4"],
-                 ["bench", "--regime", "zeros"], ["bench", "--sweep", "/no/such/file.json"],
-                 ["check", "--backends", "no.such.module:fn"]):
+def test_cli_bad_input_is_a_message_naming_the_flag_not_a_traceback():
+    for args, flag in ((["check", "--backends", "nope"], "--backends"), (["bench", "--seqlens", "0"], "--seqlens"),
+                       (["bench", "--heads", "6", "--kv-heads", "4"], "--kv-heads"),
+                       (["bench", "--regime", "zeros"], "--regime"), (["bench", "--sweep", "/no/such/file.json"], "--sweep"),
+                       (["bench", "--baseline", "nope"], "--baseline"),
+                       (["check", "--backends", "no.such.module:fn"], "--backends")):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
-        assert "error:" in result.output and "Traceback" not in result.output
+        assert f"error: {flag}" in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+def test_library_errors_name_the_field_not_the_flag():
+    with pytest.raises(ValueError, match="^kv_heads: 4 does not divide heads 6"):
+        build_sweep("bench", device="cpu", backends="chunked", heads="6", kv_heads="4")
+    with pytest.raises(ValueError, match="^seqlens: expected a positive integer"):
+        build_sweep("bench", device="cpu", backends="chunked", seqlens="0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_two_tuners_share_studies_and_survive_kill_9(postgres_url, tmp_path):
 
 def test_postgres_url_without_a_driver_names_storage_and_the_extra(monkeypatch):
     """No server needed: the URL maps to the installed driver's dialect, and without one the
-    error names --storage and the extra to install, never the password."""
+    error names the storage argument and the extra to install, never the password."""
     import importlib.util
 
     from sbbench.autotune import store
@@ -184,7 +184,7 @@ def test_postgres_url_without_a_driver_names_storage_and_the_extra(monkeypatch):
     with pytest.raises(ValueError) as info:
         store.open_storage("postgresql://tuner:s3cret@db.example:5432/sbbench")
     message = str(info.value)
-    assert message.startswith("--storage:") and "sbbench[postgres]" in message and "s3cret" not in message, message
+    assert info.value.argument == "storage" and message.startswith("storage:") and "sbbench[postgres]" in message and "s3cret" not in message, message
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "psycopg2" else None)
     assert store.postgres_url("postgres://h/db") == "postgresql+psycopg2://h/db"

@@ -65,8 +65,8 @@ def test_first_position_attends_nothing(backend, t, seed, scale, dtype):
     q, k, v = (scale * randn((2, 2, t, 5), seed + i, dtype) for i in range(3))
     if t > 1:
         # Query 1 equal to key 0: a logit >= 0, so a weight >= 1/2 that the check below can see
-        # (random logits can all be so negative that every rem rounds to 1, as hypothesis found
-        # at T=2, scale 10, float32).
+        # (random logits can all be so negative that every rem rounds to 1, e.g. at T=2,
+        # scale 10, float32).
         q[:, :, 1] = k[:, :, 0]
     o, rem = attn(backend, q, k, v, False)
     assert torch.equal(o[:, :, 0], torch.zeros_like(o[:, :, 0]))

@@ -21,7 +21,7 @@ threads: 256 registers each) or walks D in slices with shuffles per slice; both 
 instructions per byte read than the padded dot, and Triton pipelines the dot's operand loads
 (cp.async / TMA) across ``num_stages`` blocks, which is what keeps enough bytes in flight.
 
-Block skipping (design.md sections 3 and 9), in two ways that keep the result deterministic:
+Block skipping (docs/design.md sections 3 and 9), in two ways that keep the result deterministic:
 
 - Within a split: once every row's own stick is below 2^skip_log2, the split stops walking left
   (checked after ``skip_check_keys`` keys, then after twice as many more, and so on,

@@ -224,7 +224,7 @@ def triton_sb_bwd(
     else:
         per_seq = int(_state_slots(torch.tensor(t_dense), state_n))
         # [0, per_seq] made on the device: torch.tensor(list, device=cuda) is a blocking copy,
-        # which waited for the forward to finish before the backward's launches could be queued.
+        # which would wait for the forward to finish before the backward's launches are queued.
         cu_states = torch.arange(0, 2 * per_seq, per_seq, dtype=torch.int64, device=q.device)
         state_total = n_seq * per_seq
     group = heads // kv_heads

@@ -1,6 +1,10 @@
-"""The Typer application every command module registers on."""
+"""The Typer application every command module registers on, and how its commands word errors."""
+
+from typing import Mapping
 
 import typer
+
+from sbbench.core.errors import ArgumentError
 
 app = typer.Typer(
     name="sbbench",
@@ -14,3 +18,13 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Stick-breaking attention: check numerics, benchmark, tune and gate its backends."""
+
+
+def flag_message(exc: Exception, flags: Mapping[str, str] | None = None) -> str:
+    """An error for the shell: a library :class:`ArgumentError` names its argument, shown here as
+    the command's flag (``flags[argument]``, else ``--`` and the name with dashes); any other
+    error as it is."""
+    if not isinstance(exc, ArgumentError):
+        return str(exc)
+    flag = (flags or {}).get(exc.argument) or "--" + exc.argument.replace("_", "-")
+    return f"{flag}: {exc.message}"

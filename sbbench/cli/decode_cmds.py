@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
 from tabulate import tabulate
 
-from sbbench.cli.app import app
+from sbbench.cli.app import app, flag_message
 from sbbench.cli.harness_cmds import _fail_usage, _fmt, _status, _write_outputs
+from sbbench.core.results import shape_label
 
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the rows to this JSON results file.")]
 BackendsOpt = Annotated[
@@ -35,6 +36,10 @@ AttendCurrentOpt = Annotated[bool, typer.Option("--attend-current/--no-attend-cu
 RaggedOpt = Annotated[bool, typer.Option("--ragged/--uniform", help="Ragged cache lengths within each batch.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: the GPU when there is one).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed the random inputs (default: fresh every run).")]
+
+
+# The library names the backend a single call runs; these commands take a list.
+DECODE_FLAGS = {"backend": "--backends"}
 
 
 def _ints(flag: str, text: str) -> list[int]:
@@ -59,7 +64,7 @@ def _setup(backends, batch, cache_len, new_tokens, heads, kv_heads, head_dim, dt
                                              _ints("--new-tokens", new_tokens))
         ]
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, DECODE_FLAGS)) from None
     regimes = [r.strip() for r in regime.split(",") if r.strip()]
     return [n for n in names if n], cases, regimes, device
 
@@ -72,18 +77,12 @@ def _run(runner, backends, batch, cache_len, new_tokens, heads, kv_heads, head_d
     try:
         return runner(names, cases, regimes, device, seed=seed)
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
-
-
-def _shape(row: Mapping[str, Any]) -> str:
-    kv = f"/{row['kv_heads']}" if row["kv_heads"] != row["heads"] else ""
-    flags = (" ragged" if row.get("varlen") else "") + (" cur" if row.get("attend_current") else "")
-    return f"B{row['batch']} H{row['heads']}{kv} S{row['seqlen']} Tq{row.get('new_tokens')} D{row['head_dim']}{flags}"
+        raise _fail_usage(flag_message(exc, DECODE_FLAGS)) from None
 
 
 def decode_check_table(rows: list[dict[str, Any]]) -> str:
     headers = ["backend", "shape", "dtype", "regime", "tensor", "err_max", "err_pt", "budget", "result"]
-    body = [[r["backend"], _shape(r), r["dtype"], r["regime"], r.get("tensor") or "", _fmt(r.get("err_max")),
+    body = [[r["backend"], shape_label(r), r["dtype"], r["regime"], r.get("tensor") or "", _fmt(r.get("err_max")),
              _fmt(r.get("err_pt")), _fmt(r.get("budget")), _status(r)] for r in rows]
     return tabulate(body, headers=headers, disable_numparse=True)
 
@@ -91,7 +90,7 @@ def decode_check_table(rows: list[dict[str, Any]]) -> str:
 def decode_bench_table(rows: list[dict[str, Any]]) -> str:
     headers = ["backend", "shape", "dtype", "regime", "us", "K/V TB/s", "skipped", "vs flash", "vs cudnn", "vs fa-kvc",
                "result"]
-    body = [[r["backend"], _shape(r), r["dtype"], r["regime"], _fmt((r.get("latency_ms") or 0) * 1e3 or None, ".4g"),
+    body = [[r["backend"], shape_label(r), r["dtype"], r["regime"], _fmt((r.get("latency_ms") or 0) * 1e3 or None, ".4g"),
              _fmt(r.get("kv_tbps"), ".3g"), _fmt(r.get("skipped_fraction"), ".2f"),
              _fmt(r.get("speedup_sdpa_flash"), ".2f"), _fmt(r.get("speedup_sdpa_cudnn"), ".2f"),
              _fmt(r.get("speedup_flash_attn_with_kvcache"), ".2f"), _status(r, 50)] for r in rows]

@@ -7,7 +7,7 @@ from typing import List, NoReturn, Optional
 
 import typer
 
-from sbbench.cli.app import app
+from sbbench.cli.app import app, flag_message
 
 # Exit codes of ``sbbench gate``: CI tells a slowdown (1) from a broken comparison (2).
 EXIT_PASS, EXIT_REGRESSION, EXIT_UNUSABLE = 0, 1, 2
@@ -74,7 +74,7 @@ def gate(
     try:
         settings = GateSettings(**values)
     except GateInputError as exc:
-        _fail("gate", f"--{str(exc).replace('_', '-')}")
+        _fail("gate", flag_message(exc))
     try:
         result = compare_files(baseline, current, settings)
     except GateInputError as exc:
@@ -109,7 +109,7 @@ def report(
     try:
         written = write_report(results, out)
     except ReportInputError as exc:
-        _fail("report", str(exc))
+        _fail("report", flag_message(exc))
     except OSError as exc:  # disk full, permissions changed under us: the old report stays
         _fail("report", f"--out: cannot write the report ({exc.strerror or exc}: {exc.filename or ''})")
     typer.echo(f"wrote {written.markdown} with {len(written.plots)} plot(s)")

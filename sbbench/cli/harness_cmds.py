@@ -16,9 +16,17 @@ from typing import Annotated, Any, Callable, Iterable, Mapping, Optional
 import typer
 from tabulate import tabulate
 
-from sbbench.cli.app import app
+from sbbench.cli.app import app, flag_message
 from sbbench.cli.sweep_opts import BENCH, CHECK
-from sbbench.core.results import ResultsFileError, device_name, read_rows, to_frame, write_rows, write_text_atomic
+from sbbench.core.results import (
+    ResultsFileError,
+    device_name,
+    read_rows,
+    shape_label,
+    to_frame,
+    write_rows,
+    write_text_atomic,
+)
 from sbbench.harness.sweep import Sweep, sweeps_from_flags
 
 JsonOpt = Annotated[Optional[Path], typer.Option(
@@ -36,6 +44,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+# The library names the backend a single call runs; check and bench take a list.
+HARNESS_FLAGS = {"backend": "--backends"}
+
+
 def _fail_usage(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(EXIT_USAGE)
@@ -45,7 +57,7 @@ def _sweeps(command: str, sweep_file: Path | None, device: str | None, **flags: 
     try:
         return sweeps_from_flags(command, sweep_file=sweep_file, device=device, **flags)
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, HARNESS_FLAGS)) from None
 
 
 def _print_notes(sweeps: Iterable[Sweep]) -> None:
@@ -59,12 +71,6 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else format(value, spec)
     return str(value)
-
-
-def _shape(row: Mapping[str, Any]) -> str:
-    kv = f"/{row['kv_heads']}" if row["kv_heads"] != row["heads"] else ""
-    flags = (" varlen" if row.get("varlen") else "") + (" cur" if row.get("attend_current") else "")
-    return f"{row['batch']}x{row['heads']}{kv}x{row['seqlen']}x{row['head_dim']}{flags}"
 
 
 def _status(row: Mapping[str, Any], width: int = 70) -> str:
@@ -101,10 +107,10 @@ def _implementations(rows: Iterable[Mapping[str, Any]]) -> None:
 
 def check_table(rows: list[dict[str, Any]]) -> str:
     """The terminal table of check rows."""
-    headers = ["backend", "BxHxTxD", "dtype", "regime", "tensor", "err_max", "err_rel_fro", "err_pt",
+    headers = ["backend", "shape", "dtype", "regime", "tensor", "err_max", "err_rel_fro", "err_pt",
                "budget", "fa2_rel_err", "result"]
     body = [
-        [r["backend"], _shape(r), r["dtype"], r["regime"], r.get("tensor") or "", _fmt(r.get("err_max")),
+        [r["backend"], shape_label(r), r["dtype"], r["regime"], r.get("tensor") or "", _fmt(r.get("err_max")),
          _fmt(r.get("err_rel_fro")), _fmt(r.get("err_pt")), _fmt(r.get("budget")), _fmt(r.get("fa2_rel_err")),
          _status(r)]
         for r in rows
@@ -114,13 +120,13 @@ def check_table(rows: list[dict[str, Any]]) -> str:
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
     """The terminal table of bench rows."""
-    headers = ["backend", "BxHxTxD", "dtype", "mode", "regime", "ms", "q20-q80 ms", "TFLOP/s", "peak MiB",
+    headers = ["backend", "shape", "dtype", "mode", "regime", "ms", "q20-q80 ms", "TFLOP/s", "peak MiB",
                "speedup", "skipped", "result"]
     body = []
     for r in rows:
         spread = f"{_fmt(r.get('latency_q20_ms'))}-{_fmt(r.get('latency_q80_ms'))}" if r.get("latency_ms") else ""
         body.append([
-            r["backend"], _shape(r), r["dtype"], r["mode"], r["regime"], _fmt(r.get("latency_ms"), ".4g"), spread,
+            r["backend"], shape_label(r), r["dtype"], r["mode"], r["regime"], _fmt(r.get("latency_ms"), ".4g"), spread,
             _fmt(r.get("tflops"), ".3g"), _fmt(r.get("peak_mem_mib"), ".1f"), _fmt(r.get("speedup"), ".2f"),
             _fmt(r.get("skipped_fraction"), ".2f"), _status(r),
         ])
@@ -177,7 +183,7 @@ def _run_sweeps(run: Callable[[Sweep, list[dict[str, Any]]], list[dict[str, Any]
         for s in sweeps:
             progress.rows = run(s, progress.rows)
     except (ValueError, TypeError) as exc:
-        raise _fail_usage(str(exc)) from None
+        raise _fail_usage(flag_message(exc, HARNESS_FLAGS)) from None
     except KeyboardInterrupt:
         return True
     except Exception:

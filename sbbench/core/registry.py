@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import torch
 
+from sbbench.core.errors import ArgumentError
 from sbbench.core.problem import AttnProblem
 
 Pass = Literal["fwd", "bwd", "decode"]
@@ -84,7 +85,7 @@ class Param:
     def check(self, value: Any) -> None:
         """Raise ``ValueError`` naming the parameter when ``value`` breaks its rule."""
         if self.rule is not None and not self.rule.holds(value):
-            raise ValueError(f"config: {self.name} must be {self.rule.text}, got {value!r}")
+            raise ArgumentError("config", f"{self.name} must be {self.rule.text}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -262,16 +263,16 @@ def all_backends() -> list[Backend]:
 def _plugin_backend(path: str) -> Backend:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"backend: {path!r} is neither a registered backend nor 'module:function'")
+        raise ArgumentError("backend", f"{path!r} is neither a registered backend nor 'module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"backend: cannot import module {module_name!r} for {path!r}: {exc}") from exc
+        raise ArgumentError("backend", f"cannot import module {module_name!r} for {path!r}: {exc}") from exc
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ValueError(f"backend: module {module_name!r} has no attribute {attr!r}")
+            raise ArgumentError("backend", f"module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise TypeError(f"backend: {path!r} is not callable")
     # A user's function is trusted to take whatever it is given; it is checked by the harness
@@ -300,14 +301,14 @@ def get_backend(name: str) -> Backend:
         return _REGISTRY[name]
     if ":" in name:
         return _plugin_backend(name)
-    raise ValueError(f"backend: unknown backend {name!r}; registered: {', '.join(_REGISTRY)}")
+    raise ArgumentError("backend", f"unknown backend {name!r}; registered: {', '.join(_REGISTRY)}")
 
 
 def parse_backend_list(spec: str | Sequence[str]) -> list[Backend]:
     """``"chunked,mypkg.mod:fn"`` (or a list of names) to backends, in the order given."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
-        raise ValueError("backends: no backend named")
+        raise ArgumentError("backends", "no backend named")
     return [get_backend(n) for n in names]
 
 
@@ -323,4 +324,4 @@ def select_auto(problem: AttnProblem, *, decode: bool = False) -> Backend:
         if reason is None:
             return backend
         reasons.append(f"{backend.name}: {reason}")
-    raise ValueError("backend: no backend supports this input (" + "; ".join(reasons) + ")")
+    raise ArgumentError("backend", "no backend supports this input (" + "; ".join(reasons) + ")")

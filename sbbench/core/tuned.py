@@ -37,7 +37,7 @@ if getattr(warnings.formatwarning, "__name__", "") != _format_warning.__name__:
 
 
 def config_key(problem: AttnProblem, pass_: str) -> dict[str, Any]:
-    """The key of design.md section 7 for one pass of ``problem``."""
+    """The key of docs/design.md section 7 for one pass of ``problem``."""
     return {
         "pass": pass_,
         "dtype": str(problem.dtype).removeprefix("torch."),

@@ -1,4 +1,5 @@
-"""Benchmark: latency, TFLOP/s, peak memory and speedup of backends over cases (design.md 5, 6).
+"""Benchmark: latency, TFLOP/s, peak memory and speedup of backends over cases
+(docs/design.md sections 5 and 6).
 
 :func:`measure` times one backend on one case, mode and regime and returns one result row; it
 never raises for a failing backend (an exception or OOM marks that row, status ``error`` or
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 
 from sbbench.core.registry import Backend
-from sbbench.core.results import device_name, match_key
+from sbbench.core.results import BenchRow, device_name, match_key, shape_label
 from sbbench.harness.cases import MODES, Case
 from sbbench.harness.inputs import REGIMES, make_inputs
 from sbbench.harness.runner import (
@@ -90,7 +91,7 @@ def measure(
     cuda_graph: bool | Literal["auto"] = False,
     seed: int | None = None,
     prune_above_ms: float | None = None,
-) -> dict[str, Any]:
+) -> BenchRow:
     """Time ``backend`` on ``case`` in ``mode`` and ``regime``; one result row.
 
     Args:
@@ -126,11 +127,7 @@ def measure(
     if not isinstance(case, Case):
         raise TypeError(f"case: expected a Case, got {type(case).__name__}")
     dev = resolve_device(device)
-    row = identity_row(
-        "bench", backend, case, regime, dev, mode=mode, comparator=baseline, seed=seed,
-        # Columns beyond the shared schema, present in every bench row so tables line up.
-        timer=None, runs=None, total_tokens=None, notes=None,
-    )
+    row = identity_row(BenchRow, "bench", backend, case, regime, dev, mode=mode, comparator=baseline, seed=seed)
 
     if inputs is None:
         try:
@@ -304,7 +301,7 @@ def run_bench(
                 inputs = None
                 release_memory(dev)
             for mode, backend in runs:
-                bar.update(task, description=f"{backend.name} {_shape(case)} {mode} {regime}")
+                bar.update(task, description=f"{backend.name} {shape_label(case.columns())} {case.dtype} {mode} {regime}")
                 rows.append(
                     measure(
                         backend, case, mode, regime, device=dev, inputs=inputs,
@@ -323,7 +320,4 @@ def run_bench(
     return rows
 
 
-def _shape(case: Case) -> str:
-    kv = f"/{case.kv_heads}" if case.kv_heads != case.heads else ""
-    varlen = " varlen" if case.varlen else ""
-    return f"B{case.batch} H{case.heads}{kv} T{case.seqlen} D{case.head_dim} {case.dtype}{varlen}"
+

@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sbbench.core.errors import ArgumentError
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 MODES = ("fwd", "bwd", "fwdbwd")
-# design.md section 5: FLOPs as causal FlashAttention, whatever was skipped.
+# docs/design.md section 5: FLOPs as causal FlashAttention, whatever was skipped.
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 
@@ -16,7 +18,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {name!r}") from None
+        raise ArgumentError("dtype", f"expected one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -29,9 +31,9 @@ def check_case_fields(case: object, positive: tuple[str, ...]) -> None:
     for name in positive:
         value = getattr(case, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name.replace('_', '-')}: expected a positive int, got {value!r}")
+            raise ArgumentError(name, f"expected a positive int, got {value!r}")
     if case.heads % case.kv_heads:
-        raise ValueError(f"kv-heads: {case.kv_heads} does not divide heads {case.heads}")
+        raise ArgumentError("kv_heads", f"{case.kv_heads} does not divide heads {case.heads}")
     dtype_from_name(case.dtype)
 
 

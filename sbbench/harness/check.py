@@ -1,4 +1,5 @@
-"""Numerics check against a float64 oracle with FlashAttention-2's error budget (design.md 4).
+"""Numerics check against a float64 oracle with FlashAttention-2's error budget
+(docs/design.md section 4).
 
 For one backend, case and regime: draw fresh random inputs; run the backend with its outputs
 poisoned; compare o, rem and the gradients dq, dk, dv (for random upstream gradients do, drem)
@@ -36,7 +37,7 @@ import torch
 
 from sbbench.core.problem import AttnProblem
 from sbbench.core.registry import Backend, get_backend
-from sbbench.core.results import device_name, match_key
+from sbbench.core.results import CheckRow, device_name, match_key
 from sbbench.harness.cases import MODES, Case
 from sbbench.harness.inputs import REGIMES, make_inputs
 from sbbench.harness.runner import (
@@ -268,13 +269,10 @@ def check_case(
     with_grads = grads and backend.differentiable
     names = (("o", "rem") if backend.kind == "stickbreaking" else ("o",)) + (GRAD_TENSORS if with_grads else ())
 
-    def row(tensor: str | None, **fields: Any) -> dict[str, Any]:
+    def row(tensor: str | None, **fields: Any) -> CheckRow:
         mode = "fwd" if tensor in ("o", "rem", None) else "bwd"
-        # Columns beyond the shared schema, present (None) in every check row so tables line up.
-        extra = {"atol_floor": None, "nonfinite": None, "fa2_ratio": None, "notes": None}
-        return identity_row(
-            "check", backend, case, regime, dev, mode=mode, tensor=tensor, seed=seed, **{**extra, **fields}
-        )
+        return identity_row(CheckRow, "check", backend, case, regime, dev, mode=mode, tensor=tensor, seed=seed,
+                            **fields)
 
     try:
         inputs = make_inputs(case, regime, device=dev, seed=seed)

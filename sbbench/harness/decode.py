@@ -31,7 +31,7 @@ import torch
 
 from sbbench.core.decode_problem import DecodeProblem, validate_decode
 from sbbench.core.registry import Backend
-from sbbench.core.results import environment, make_row
+from sbbench.core.results import DecodeBenchRow, DecodeCheckRow, RowT, environment, new_row
 from sbbench.harness.cases import check_case_fields, dtype_from_name
 from sbbench.harness.check import _contract_violation, _why, budget_metrics, poisoned_outputs, skip_bound
 from sbbench.harness.inputs import PEAKED_LOGIT_STD, REGIMES, _dense_qk, _plant_beacons, ragged_lengths
@@ -133,10 +133,10 @@ def decode_problem_of(inputs: Mapping[str, Any], case: DecodeCase) -> DecodeProb
     )
 
 
-def _row(command: str, name: str, implementation: str, case: DecodeCase, regime: str, device: torch.device,
-         **fields: Any) -> dict[str, Any]:
-    return make_row(
-        command=command, **environment(device), backend=name, implementation=implementation,
+def _row(row_type: type[RowT], command: str, name: str, implementation: str, case: DecodeCase, regime: str,
+         device: torch.device, **fields: Any) -> RowT:
+    return new_row(
+        row_type, command=command, **environment(device), backend=name, implementation=implementation,
         **case.columns(), mode=MODE, regime=regime, **fields,
     )
 
@@ -179,11 +179,9 @@ def check_decode_case(
     dev = resolve_device(device)
     seed = random.getrandbits(62) if seed is None else int(seed)
 
-    def row(tensor: str | None, **fields: Any) -> dict[str, Any]:
-        # Columns beyond the shared schema, present in every check row so tables line up.
-        extra = {"atol_floor": None, "nonfinite": None}
-        return _row("check", backend.name, implementation_of(backend), case, regime, dev, tensor=tensor, seed=seed,
-                    **{**extra, **fields})
+    def row(tensor: str | None, **fields: Any) -> DecodeCheckRow:
+        return _row(DecodeCheckRow, "check", backend.name, implementation_of(backend), case, regime, dev,
+                    tensor=tensor, seed=seed, **fields)
 
     try:
         if inputs is None:
@@ -314,8 +312,8 @@ def softmax_decoders(case: DecodeCase, inputs: Mapping[str, Any]) -> dict[str, t
 
 
 def _timed_row(name: str, implementation: str, call: Callable[[], Any], case: DecodeCase, regime: str,
-               device: torch.device, kv_bytes: int, **fields: Any) -> dict[str, Any]:
-    row = _row("bench", name, implementation, case, regime, device, timer=None, kv_tbps=None, notes=None, **fields)
+               device: torch.device, kv_bytes: int, **fields: Any) -> DecodeBenchRow:
+    row = _row(DecodeBenchRow, "bench", name, implementation, case, regime, device, **fields)
     try:
         with torch.no_grad():
             call()  # compiles, and a failing call fails here
@@ -334,7 +332,7 @@ def _timed_row(name: str, implementation: str, call: Callable[[], Any], case: De
 def measure_decode(
     backend: Backend | str, case: DecodeCase, regime: str, *, inputs: Mapping[str, Any],
     device: str | torch.device | None = None, config: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> DecodeBenchRow:
     """Time one backend's decode on ``inputs``: one row with latency, kv_tbps (achieved K/V
     bandwidth, TB/s), skipped_fraction and the resolved config."""
     backend = resolve_backend(backend)
@@ -343,7 +341,7 @@ def measure_decode(
     problem = decode_problem_of(inputs, case)
     reason = backend.decode_unsupported_reason(problem)
     if reason is not None:
-        return _row("bench", backend.name, implementation_of(backend), case, regime, dev, status="unsupported",
+        return _row(DecodeBenchRow, "bench", backend.name, implementation_of(backend), case, regime, dev, status="unsupported",
                     error=reason)
     call, resolved = _bound_decode(backend, inputs, problem, config)
     row = _timed_row(backend.name, implementation_of(backend), call, case, regime, dev, kv_bytes, config=resolved)
@@ -362,7 +360,7 @@ def measure_softmax(case: DecodeCase, regime: str, inputs: Mapping[str, Any], de
     rows = []
     for name, found in softmax_decoders(case, inputs).items():
         if isinstance(found, str):
-            rows.append(_row("bench", name, name, case, regime, device, status="unsupported", error=found))
+            rows.append(_row(DecodeBenchRow, "bench", name, name, case, regime, device, status="unsupported", error=found))
         else:
             rows.append(_timed_row(name, found[0], found[1], case, regime, device, kv_bytes))
     return rows
@@ -407,7 +405,7 @@ def run_decode_bench(
         for regime in regimes:
             inputs, why = _shared_inputs(case, regime, dev, seed)
             if inputs is None:
-                rows.append(_row("bench", ",".join(b.name for b in chosen), "", case, regime, dev, status=why[0],
+                rows.append(_row(DecodeBenchRow, "bench", ",".join(b.name for b in chosen), "", case, regime, dev, status=why[0],
                                  error=f"making inputs: {why[1]}"))
                 continue
             if softmax:

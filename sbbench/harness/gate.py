@@ -55,7 +55,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, write_text_atomic
+from sbbench.core.errors import ArgumentError
+from sbbench.core.results import MATCH_COLUMNS, ResultsFileError, match_key, read_rows, read_text, shape_label, write_text_atomic
 
 REGRESSION = "regression"
 IMPROVEMENT = "improvement"
@@ -72,6 +73,10 @@ GATE_JSON_VERSION = 1
 
 class GateInputError(ValueError):
     """The two runs cannot be compared: the message says which file and why."""
+
+
+class GateSettingError(GateInputError, ArgumentError):
+    """A :class:`GateSettings` field out of range; ``argument`` names it."""
 
 
 def _number(value: Any, finite: bool = True) -> bool:
@@ -93,15 +98,15 @@ class GateSettings:
 
     def __post_init__(self) -> None:
         if not (_number(self.threshold) and 0 <= self.threshold < 10):
-            raise GateInputError(f"threshold: expected a fraction in [0, 10), got {self.threshold!r}")
+            raise GateSettingError("threshold", f"expected a fraction in [0, 10), got {self.threshold!r}")
         if not (_number(self.min_delta_ms) and self.min_delta_ms >= 0):
-            raise GateInputError(f"min_delta_ms: expected a number >= 0, got {self.min_delta_ms!r}")
+            raise GateSettingError("min_delta_ms", f"expected a number >= 0, got {self.min_delta_ms!r}")
         # max_spread may be inf: "never call a row too noisy".
         if not (_number(self.max_spread, finite=False) and self.max_spread > 0):
-            raise GateInputError(f"max_spread: expected a number > 0, got {self.max_spread!r}")
+            raise GateSettingError("max_spread", f"expected a number > 0, got {self.max_spread!r}")
         for name in ("fail_on_missing", "fail_on_error"):
             if not isinstance(getattr(self, name), bool):
-                raise GateInputError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+                raise GateSettingError(name, f"expected true or false, got {getattr(self, name)!r}")
 
 
 def load_settings(path: str | os.PathLike) -> dict[str, Any]:
@@ -117,10 +122,9 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
             raise GateInputError(f"{path}: reading TOML settings needs Python 3.11+ or the tomli package") from None
+    text = read_text(path, GateInputError)
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise GateInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GateInputError(f"{path}: not valid TOML: {exc}") from exc
     table = data.get("gate", data)
@@ -139,8 +143,8 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Timing:
-    """One side of a comparison: median and spread in milliseconds."""
+class RowTiming:
+    """One side of a comparison (a matched bench row of one run): median and spread in ms."""
 
     median_ms: float
     q20_ms: float
@@ -150,11 +154,13 @@ class Timing:
 
 
 @dataclass
-class Comparison:
+class RowComparison:
+    """The verdict on one matched key: its status, both sides' timings and the relative change."""
+
     key: dict[str, Any]
     status: str
-    baseline: Timing | None = None
-    current: Timing | None = None
+    baseline: RowTiming | None = None
+    current: RowTiming | None = None
     change: float | None = None  # current / baseline - 1
     note: str = ""
 
@@ -175,10 +181,10 @@ class GateResult:
     settings: GateSettings
     baseline: RunInfo
     current: RunInfo
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: list[RowComparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def with_status(self, status: str) -> list[Comparison]:
+    def with_status(self, status: str) -> list[RowComparison]:
         return [c for c in self.comparisons if c.status == status]
 
     def counts(self) -> dict[str, int]:
@@ -207,7 +213,7 @@ class GateResult:
         }
 
 
-def _timing(row: Mapping[str, Any], path: Path, index: int) -> Timing:
+def _timing(row: Mapping[str, Any], path: Path, index: int) -> RowTiming:
     """The row's latency and spread; a malformed value makes the whole file unusable."""
     median = row["latency_ms"]
     where = f"{path}: row {index} ({row.get('backend')}, seqlen {row.get('seqlen')}, {row.get('mode')})"
@@ -228,14 +234,14 @@ def _timing(row: Mapping[str, Any], path: Path, index: int) -> Timing:
     # interval must contain the median for the overlap test to mean anything.
     lo = min(q20, median) if q20 is not None else median
     hi = max(q80, median) if q80 is not None else median
-    return Timing(float(median), float(lo), float(hi), has_spread)
+    return RowTiming(float(median), float(lo), float(hi), has_spread)
 
 
 def _bench_rows(
     rows: list[dict[str, Any]], path: Path
-) -> tuple[dict[tuple, Timing], dict[tuple, tuple[str, str]]]:
+) -> tuple[dict[tuple, RowTiming], dict[tuple, tuple[str, str]]]:
     """Usable timings by key, and for keys with no usable row, its status and why (status and error)."""
-    timings: dict[tuple, list[Timing]] = {}
+    timings: dict[tuple, list[RowTiming]] = {}
     unusable: dict[tuple, tuple[str, str]] = {}
     for index, row in enumerate(rows):
         if row.get("command") != "bench":
@@ -252,7 +258,7 @@ def _bench_rows(
     usable = {}
     for key, found in timings.items():
         fastest = min(found, key=lambda t: t.median_ms)
-        usable[key] = Timing(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found))
+        usable[key] = RowTiming(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found))
     return usable, {k: v for k, v in unusable.items() if k not in usable}
 
 
@@ -277,11 +283,11 @@ def _devices(rows: Iterable[Mapping[str, Any]]) -> set[str]:
     return {str(r["device"]) for r in rows if r.get("command") == "bench" and r.get("device") is not None}
 
 
-def _relative_spread(t: Timing) -> float:
+def _relative_spread(t: RowTiming) -> float:
     return (t.q80_ms - t.q20_ms) / t.median_ms
 
 
-def _classify(b: Timing, c: Timing, s: GateSettings) -> tuple[str, str]:
+def _classify(b: RowTiming, c: RowTiming, s: GateSettings) -> tuple[str, str]:
     change = c.median_ms / b.median_ms - 1
     delta = c.median_ms - b.median_ms
     notes = []
@@ -353,18 +359,18 @@ def compare_rows(
         b, c = bok.get(key), cok.get(key)
         if b is None:
             note = f"baseline row {bbad[key][1]}" if key in bbad else "new row"
-            result.comparisons.append(Comparison(named, MISSING_BASELINE, current=c, note=note))
+            result.comparisons.append(RowComparison(named, MISSING_BASELINE, current=c, note=note))
         elif c is None:
             status, reason = cbad.get(key, (None, "not measured"))
             if settings.fail_on_error and status in BROKEN_STATUSES:
-                result.comparisons.append(Comparison(named, REGRESSION, baseline=b, note=f"ok in baseline, now {reason}"))
+                result.comparisons.append(RowComparison(named, REGRESSION, baseline=b, note=f"ok in baseline, now {reason}"))
             else:
                 note = f"current row {reason}" if key in cbad else reason
-                result.comparisons.append(Comparison(named, MISSING_CURRENT, baseline=b, note=note))
+                result.comparisons.append(RowComparison(named, MISSING_CURRENT, baseline=b, note=note))
         else:
             status, note = _classify(b, c, settings)
             change = c.median_ms / b.median_ms - 1
-            result.comparisons.append(Comparison(named, status, b, c, change, note))
+            result.comparisons.append(RowComparison(named, status, b, c, change, note))
     return result
 
 
@@ -380,20 +386,7 @@ def compare_files(
     return compare_rows(baseline_rows, current_rows, settings, baseline_path=baseline, current_path=current)
 
 
-def shape_label(key: Mapping[str, Any]) -> str:
-    """``B=4 H=12 T=4096 D=128`` plus kv heads, varlen and attend_current when they apply."""
-    parts = [f"B={key.get('batch')}", f"H={key.get('heads')}"]
-    if key.get("kv_heads") not in (None, key.get("heads")):
-        parts.append(f"Hkv={key.get('kv_heads')}")
-    parts += [f"T={key.get('seqlen')}", f"D={key.get('head_dim')}"]
-    if key.get("varlen"):
-        parts.append("varlen")
-    if key.get("attend_current"):
-        parts.append("attend_current")
-    return " ".join(parts)
-
-
-def _fmt_timing(t: Timing | None) -> str:
+def _fmt_timing(t: RowTiming | None) -> str:
     if t is None:
         return "-"
     if not t.has_spread:

@@ -1,13 +1,13 @@
-"""Input regimes (design.md section 5). Stick-breaking cost depends on the data once blocks can
-be skipped, so every benchmark names its regime.
+"""Input regimes (docs/design.md section 5). Stick-breaking cost depends on the data once blocks
+can be skipped, so every benchmark names its regime.
 
-``dense`` deviates from the letter of design.md on purpose. The design's q = 0.25 (N+1),
-k = 0.25 (N-1) gives logits of mean -0.0625 sqrt(D) (-0.71 at D=128): every key takes a third of
-the stick, which is gone (below 2^-30) after about 50 keys, so the "worst case, no block can be
-skipped" regime would be the best case for skipping. We keep its shape (q leaning +1, k leaning
--1, so logits are negative) and set the scale so the logits are N(-8, 0.5) at every head dim:
-the stick then lasts past 16k keys (sum of softplus ~ 16384 e^-8 ~ 6 nats) and nothing is skipped,
-which is what the regime is for.
+``dense`` keeps the shape of the obvious construction q = 0.25 (N+1), k = 0.25 (N-1) (q leaning
++1, k leaning -1, so logits are negative) but not its scale. At that scale the logits' mean is
+-0.0625 sqrt(D) (-0.71 at D=128): every key takes a third of the stick, which is gone (below
+2^-30) after about 50 keys, so the "worst case, no block can be skipped" regime would be the best
+case for skipping. The scale is set so the logits are N(-8, 0.5) at every head dim: the stick
+then lasts past 16k keys (sum of softplus ~ 16384 e^-8 ~ 6 nats) and nothing is skipped, which
+is what the regime is for.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sbbench.core.config_loader import device_file_stem
-from sbbench.core.results import ResultsFileError, read_rows
+from sbbench.core.errors import ArgumentError
+from sbbench.core.results import SHAPE_FLAGS, ResultsFileError, read_rows, shape_label
 from sbbench.harness import plots as plots_mod
 
 MARKDOWN_NAME = "README.md"
@@ -56,7 +57,11 @@ _STUDY_COLUMNS = ("study", "sampler", "backend", "pass", "mode", "dtype", "head_
 
 
 class ReportInputError(ValueError):
-    """Input the report cannot use (missing or broken file, mixed devices, bad --out)."""
+    """Input the report cannot use (missing or broken file, mixed devices, a bad ``out`` folder)."""
+
+
+class ReportOutError(ReportInputError, ArgumentError):
+    """The output folder ``out`` cannot be used."""
 
 
 @dataclass
@@ -116,19 +121,6 @@ def _order(value: Any, table: Mapping[str, int]) -> tuple:
     return (table.get(value, len(table)), str(value))
 
 
-def _shape_label(row: Mapping[str, Any], columns: Iterable[str] = ("batch", "heads", "kv_heads", "seqlen", "head_dim")) -> str:
-    names = {"batch": "B", "heads": "H", "kv_heads": "Hkv", "seqlen": "T", "head_dim": "D"}
-    parts = []
-    for c in columns:
-        if c == "kv_heads" and row.get("kv_heads") == row.get("heads"):
-            continue
-        if row.get(c) is not None:
-            parts.append(f"{names[c]}={row[c]}")
-    if row.get("varlen"):
-        parts.append("varlen")
-    if row.get("attend_current"):
-        parts.append("attend_current")
-    return " ".join(parts)
 
 
 def _joined(rows: Iterable[Mapping[str, Any]], column: str) -> str:
@@ -230,12 +222,8 @@ def _geomean(values: list[float]) -> float | None:
 def _group_shape(row: Mapping[str, Any], head_dim: Any, varying: Sequence[str]) -> str:
     """``B=4 H=12 D=128`` (plus Hkv, varlen, attend_current where they apply) for a figure's
     title; columns in ``varying`` differ between its lines, so they are named in the legend instead."""
-    names = {"batch": "B", "heads": "H", "kv_heads": "Hkv"}
-    parts = [f"{names[c]}={row.get(c)}" for c in names
-             if c not in varying and not (c == "kv_heads" and row.get("kv_heads") == row.get("heads"))]
-    parts.append(f"D={head_dim}")
-    parts += [c for c in ("varlen", "attend_current") if c not in varying and row.get(c)]
-    return " ".join(parts)
+    columns = [c for c in ("batch", "heads", "kv_heads") if c not in varying] + ["head_dim"]
+    return shape_label({**row, "head_dim": head_dim}, columns, [f for f in SHAPE_FLAGS if f not in varying])
 
 
 def _bench_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str], list[str]]:
@@ -314,7 +302,7 @@ def _bench_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str]
             for r in pts:
                 spread = (f" [{_fmt(r['latency_q20_ms'], 4)}-{_fmt(r['latency_q80_ms'], 4)}]"
                           if _num(r.get("latency_q20_ms")) and _num(r.get("latency_q80_ms")) else "")
-                table.append([r.get("seqlen"), label, _shape_label(r, ("batch", "heads", "kv_heads")),
+                table.append([r.get("seqlen"), label, shape_label(r, ("batch", "heads", "kv_heads")),
                               _fmt(r["latency_ms"], 4) + spread, _fmt(r.get("tflops")),
                               _fmt(speedup.get(id(r))) if r.get("backend") != "fa2" else "1",
                               _fmt(r.get("peak_mem_mib")),
@@ -327,7 +315,7 @@ def _bench_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str]
     ok_ids = {id(r) for r in ok}
     failed = [r for r in bench if id(r) not in ok_ids]
     if failed:
-        table = [[r.get("backend"), r.get("mode"), r.get("regime"), r.get("dtype"), _shape_label(r), r.get("status"),
+        table = [[r.get("backend"), r.get("mode"), r.get("regime"), r.get("dtype"), shape_label(r), r.get("status"),
                   (str(r.get("error") or "").splitlines() or [""])[0][:160]] for r in failed]
         md += ["### Bench rows that did not run", "", f"{len(failed)} row(s) failed or were skipped.", "",
                "<details><summary>rows</summary>", "",
@@ -386,7 +374,7 @@ def _check_section(rows: list[dict[str, Any]]) -> list[str]:
                              "max rel err", "fa2 rel err", "rel err / fa2"]), ""]
 
     def detail(rs: list[dict[str, Any]]) -> list[list[Any]]:
-        return [[r.get("backend"), r.get("dtype"), _shape_label(r), r.get("mode"), r.get("regime"), r.get("tensor"),
+        return [[r.get("backend"), r.get("dtype"), shape_label(r), r.get("mode"), r.get("regime"), r.get("tensor"),
                  outcome(r), _sci(r.get("err_max")), _sci(r.get("budget")), _sci(r.get("err_rel_fro")),
                  _sci(r.get("fa2_rel_err")), (str(r.get("error") or "").splitlines() or [""])[0][:120]] for r in rs]
 
@@ -440,7 +428,7 @@ def _study_label(named: Mapping[str, Any]) -> str:
     parts += [named.get("pass")] + ([named.get("mode")] if named.get("mode") != named.get("pass") else [])
     parts += [named.get("regime"), named.get("dtype")]
     label = " ".join(str(p) for p in parts if p is not None)
-    return f"{label} {_shape_label(named)}".strip()
+    return f"{label} {shape_label(named)}".strip()
 
 
 def _tune_section(rows: list[dict[str, Any]], staging: Path) -> tuple[list[str], list[str]]:
@@ -540,13 +528,13 @@ def render_report(rows: list[dict[str, Any]], sources: list[_Source], device: st
 
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ReportInputError(f"--out: {out} is a file; expected a folder")
+        raise ReportOutError("out", f"{out} is a file; expected a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReportInputError(f"--out: cannot create {out} ({exc.strerror or exc})") from exc
+        raise ReportOutError("out", f"cannot create {out} ({exc.strerror or exc})") from exc
     if not os.access(out, os.W_OK):
-        raise ReportInputError(f"--out: {out} is not writable")
+        raise ReportOutError("out", f"{out} is not writable")
 
 
 def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> WrittenReport:

@@ -11,7 +11,7 @@ import torch
 
 from sbbench.core.problem import AttnProblem, validate
 from sbbench.core.registry import Backend, get_backend
-from sbbench.core.results import environment, make_row
+from sbbench.core.results import RowT, environment, new_row
 from sbbench.harness.cases import Case
 
 # How much of an exception's text a row keeps: enough to recognise it, not a whole traceback.
@@ -161,15 +161,18 @@ def release_memory(device: torch.device) -> str | None:
 
 
 def identity_row(
+    row_type: type[RowT],
     command: str,
     backend: Backend,
     case: Case,
     regime: str,
     device: torch.device,
     **fields: Any,
-) -> dict[str, Any]:
-    """A row with the environment, backend, shape and regime filled and every metric empty."""
-    return make_row(
+) -> RowT:
+    """A ``row_type`` row with the environment, backend, shape and regime filled and every metric
+    empty."""
+    return new_row(
+        row_type,
         command=command,
         **environment(device),
         backend=backend.name,

@@ -1,15 +1,15 @@
 """Sweeps: which backends, shapes, modes and regimes a check, bench or tune run covers.
 
-Given on the command line by the flags every such command shares (``--backends --mode --batch
---heads --kv-heads --head-dim --seqlens --dtype --regime --attend-current --varlen --device``),
-or by a sweep file (JSON, or YAML when PyYAML is installed): a list of sweeps, each an object
-with any of those names (``kv_heads``/``kv-heads`` alike) plus an optional ``baseline``::
+Given by the fields every such command shares (``backends mode batch heads kv_heads head_dim
+seqlens dtype regime attend_current varlen device``; the CLI has a flag for each), or by a sweep
+file (JSON, or YAML when PyYAML is installed): a list of sweeps, each an object with any of
+those names (``kv_heads``/``kv-heads`` alike) plus an optional ``baseline``::
 
     [{"backends": "fa2,triton", "seqlens": "1024..16384", "mode": ["fwd", "fwdbwd"],
       "batch": 4, "heads": 12, "head_dim": 128, "dtype": "bfloat16", "regime": "dense"}]
 
-A field left out takes the default of the device and command; a flag given on the command line
-overrides that field in every sweep of the file. Lists are comma-separated on the command line;
+A field left out takes the default of the device and command; a field given beside the file
+overrides that field in every sweep of the file. Lists may be comma-separated strings;
 ``a..b`` is the powers of two from a to b (``1024..16384``), and ``all`` names every mode or
 regime. Every combination of the shape fields is one :class:`Case`.
 
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from sbbench.core.errors import ArgumentError
 from sbbench.core.registry import get_backend, parse_backend_list
 from sbbench.harness.cases import DTYPES, MODES, Case
 from sbbench.harness.inputs import REGIMES
@@ -117,7 +118,7 @@ def parse_ints(value: Any, name: str) -> list[int]:
             lo_text, _, hi_text = item.partition("..")
             lo, hi = _one_int(lo_text, name), _one_int(hi_text, name)
             if lo > hi:
-                raise ValueError(f"{name}: range {item!r} runs backwards")
+                raise ArgumentError(name, f"range {item!r} runs backwards")
             n = lo
             while n <= hi:
                 out.append(n)
@@ -125,19 +126,19 @@ def parse_ints(value: Any, name: str) -> list[int]:
         else:
             out.append(_one_int(item, name))
     if not out:
-        raise ValueError(f"{name}: no value given")
+        raise ArgumentError(name, f"no value given")
     return out
 
 
 def _one_int(item: Any, name: str) -> int:
     if isinstance(item, bool):
-        raise ValueError(f"{name}: expected a positive integer, got {item!r}")
+        raise ArgumentError(name, f"expected a positive integer, got {item!r}")
     try:
         value = int(item) if not isinstance(item, float) or item.is_integer() else None
     except (TypeError, ValueError):
         value = None
     if value is None or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {item!r}")
+        raise ArgumentError(name, f"expected a positive integer, got {item!r}")
     return value
 
 
@@ -147,9 +148,9 @@ def parse_choices(value: Any, name: str, choices: Sequence[str]) -> list[str]:
         return list(choices)
     for item in items:
         if item not in choices:
-            raise ValueError(f"{name}: expected one of {', '.join(choices)} (or all), got {item!r}")
+            raise ArgumentError(name, f"expected one of {', '.join(choices)} (or all), got {item!r}")
     if not items:
-        raise ValueError(f"{name}: no value given")
+        raise ArgumentError(name, f"no value given")
     return list(dict.fromkeys(items))
 
 
@@ -166,7 +167,7 @@ def parse_bools(value: Any, name: str) -> list[bool]:
         elif isinstance(item, str) and item.lower() in ("true", "false"):
             out.append(item.lower() == "true")
         else:
-            raise ValueError(f"{name}: expected true or false, got {item!r}")
+            raise ArgumentError(name, f"expected true or false, got {item!r}")
     return out
 
 
@@ -225,23 +226,26 @@ def build_sweep(
     regime or dtype, a non-positive size, kv-heads that do not divide heads.
     """
     if command not in COMMANDS:
-        raise ValueError(f"command: expected one of {', '.join(COMMANDS)}, got {command!r}")
+        raise ArgumentError("command", f"expected one of {', '.join(COMMANDS)}, got {command!r}")
     device = device or default_device()
     device_type = device.split(":", 1)[0]
     if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected cpu or cuda, got {device!r}")
+        raise ArgumentError("device", f"expected cpu or cuda, got {device!r}")
     shapes = DEFAULT_SHAPES[(device_type, command)]
     notes: list[str] = []
     if backends is None:
         names, notes = default_backends(device_type, command)
         if not names:
-            raise ValueError("backends: none of the default backends can run here (" + "; ".join(notes) + ")")
+            raise ArgumentError("backends", "none of the default backends can run here (" + "; ".join(notes) + ")")
     else:
         names = [b.name for b in parse_backend_list(_split(backends))]
         if not names:
-            raise ValueError("backends: no backend named")
+            raise ArgumentError("backends", "no backend named")
     if baseline is not None:
-        get_backend(baseline)  # an unknown baseline is a usage error now, not a late surprise
+        try:
+            get_backend(baseline)  # an unknown baseline is a usage error now, not a late surprise
+        except ArgumentError as exc:
+            raise ArgumentError("baseline", exc.message) from None
 
     heads_list = parse_ints(heads if heads is not None else shapes["heads"], "heads")
     cases = []
@@ -273,25 +277,25 @@ def read_sweep_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ValueError(f"sweep: cannot read {path} ({exc.strerror or exc})") from None
+        raise ArgumentError("sweep", f"cannot read {path} ({exc.strerror or exc})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"sweep: {path} is YAML, which needs PyYAML (pip install pyyaml)") from None
+            raise ArgumentError("sweep", f"{path} is YAML, which needs PyYAML (pip install pyyaml)") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"sweep: {path} is not valid YAML: {exc}") from None
+            raise ArgumentError("sweep", f"{path} is not valid YAML: {exc}") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"sweep: {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+            raise ArgumentError("sweep", f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if isinstance(data, Mapping) and "sweeps" in data:
         data = data["sweeps"]
     if not isinstance(data, list) or not data or not all(isinstance(s, Mapping) for s in data):
-        raise ValueError(f"sweep: {path} must hold a non-empty list of sweeps (objects)")
+        raise ArgumentError("sweep", f"{path} must hold a non-empty list of sweeps (objects)")
     sweeps = []
     for i, entry in enumerate(data):
         normalised = {str(key).replace("-", "_"): value for key, value in entry.items()}
@@ -301,7 +305,7 @@ def read_sweep_file(path: str | os.PathLike) -> list[dict[str, Any]]:
                 normalised[plural[:-1]] = normalised.pop(plural)
         unknown = sorted(set(normalised) - set(FIELDS) - {"name"})
         if unknown:
-            raise ValueError(f"sweep: {path} sweep {i}: unknown field(s) {unknown}; known: {', '.join(FIELDS)}")
+            raise ArgumentError("sweep", f"{path} sweep {i}: unknown field(s) {unknown}; known: {', '.join(FIELDS)}")
         sweeps.append(normalised)
     return sweeps
 
@@ -328,7 +332,7 @@ def sweeps_from_flags(
         try:
             sweeps.append(build_sweep(command, device=device, **fields))
         except ValueError as exc:
-            raise ValueError(f"sweep {i} of {sweep_file}: {exc}") from None
+            raise ArgumentError("sweep", f"{sweep_file} sweep {i}: {exc}") from None
     return sweeps
 
 

@@ -1,4 +1,4 @@
-"""Timing and peak memory of one callable (design.md section 6).
+"""Timing and peak memory of one callable (docs/design.md section 6).
 
 GPU: ``triton.testing.do_bench``, which flushes the L2 cache before every run and times each run
 with CUDA events after its own warm-up; optionally ``triton.testing.do_bench_cudagraph``, which
@@ -58,7 +58,8 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (point - lo) * (sorted_values[hi] - sorted_values[lo])
 
 
-def summarize(times_ms: list[float], timer: str) -> Timing:
+def summarize_times(times_ms: list[float], timer: str) -> Timing:
+    """The median and 20th/80th percentiles of ``times_ms``, measured by ``timer``."""
     values = sorted(times_ms)
     return Timing(quantile(values, 0.5), quantile(values, 0.2), quantile(values, 0.8), len(values), timer)
 
@@ -82,17 +83,17 @@ def time_cuda(
         raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
     plain = None
     if cuda_graph is not True:  # False, or "auto", which needs the plain timing to decide
-        plain = summarize(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"), DO_BENCH_LABEL)
+        plain = summarize_times(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"), DO_BENCH_LABEL)
         if cuda_graph is False or plain.median_ms >= LAUNCH_BOUND_MS:
             return plain
     try:
         times = do_bench_cudagraph(fn, rep=max(rep_ms / 5, 20.0), return_mode="all")
-        return summarize(times, "triton.testing.do_bench_cudagraph (one CUDA graph, L2 not flushed)")
+        return summarize_times(times, "triton.testing.do_bench_cudagraph (one CUDA graph, L2 not flushed)")
     except Exception as exc:  # capture refused: a host sync, or an op graphs do not allow
         torch.cuda.synchronize()
         message = str(exc).splitlines()[0] if str(exc) else ""
         if plain is None:
-            plain = summarize(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"), DO_BENCH_LABEL)
+            plain = summarize_times(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"), DO_BENCH_LABEL)
         why = f"{type(exc).__name__}: {message}"[:120]
         return replace(plain, timer=f"{DO_BENCH_LABEL}; CUDA graph capture failed ({why})")
 
@@ -132,7 +133,7 @@ def time_cuda_with_setup(
         fn(setup())
     events = [timed_run() for _ in range(min(MAX_RUNS, max(1, int(rep_ms / estimate_ms))))]
     device.synchronize()
-    return summarize([s.elapsed_time(e) for s, e in events], SETUP_LABEL)
+    return summarize_times([s.elapsed_time(e) for s, e in events], SETUP_LABEL)
 
 
 def time_cpu(
@@ -159,7 +160,7 @@ def time_cpu(
         fn(*args)
         times.append((time.perf_counter() - start) * 1e3)
     label = f"CPU time.perf_counter, {torch.get_num_threads()} thread(s), warm caches"
-    return summarize(times, label + (", untimed setup (a fresh forward) before each run" if setup else ""))
+    return summarize_times(times, label + (", untimed setup (a fresh forward) before each run" if setup else ""))
 
 
 def time_fn(

@@ -1,0 +1,120 @@
+"""What the tuner tests share: test-only backends whose speed and numerics are known in advance,
+the fixtures that register them and isolate the caches, and helpers that drive ``sbbench tune``.
+
+Trials run in spawned worker processes, which import this module (``--import
+tune_helpers:register_test_backends``, :data:`PLUGIN`) to register the test-only backends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from sbbench.core import registry
+from sbbench.core.registry import Param, register_backend
+
+TESTS_DIR = Path(__file__).resolve().parent
+FLAKY = "tune_test_flaky"
+STEADY = "tune_test_steady"
+PLUGIN = "tune_helpers:register_test_backends"
+# Sleeps make the test backends' speed known in advance: CPU timings of a tiny input are noise,
+# a 5 ms sleep against a 15 ms one is not. "wrong" is the fastest, so a tuner that ignored the
+# numerics budget would pick it.
+SLEEP_S = {"good": 0.015, "fast": 0.005, "wrong": 0.0, "slow": 0.15}
+PRUNE = "tune_test_prune"
+
+
+def _test_backend_fn(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max_seqlen=None, config=None):
+    from sbbench.kernels.reference import dense_naive
+
+    variant = (config or {}).get("variant", "good")
+    if variant == "raise":
+        raise RuntimeError("deliberate failure of this config")
+    if variant == "exit":
+        os._exit(7)  # a crash no try/except survives, like a segfault
+    if variant == "hang":
+        time.sleep(3600)
+    if variant == "oor":
+        raise RuntimeError("OutOfResources: out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+    time.sleep(SLEEP_S[variant])
+    o, rem = dense_naive(q, k, v, inv_temp, attend_current)
+    if variant == "wrong":
+        o = o * 1.5  # outside any error budget
+    return o, rem
+
+
+def register_test_backends() -> None:
+    """Register the test-only backends (idempotent: the tuner calls it in every process)."""
+    spaces = {
+        FLAKY: ("good", "fast", "wrong", "raise", "exit", "hang"),
+        STEADY: ("good", "fast", "wrong"),
+        PRUNE: ("good", "slow", "oor", "fast"),
+    }
+    for name, variants in spaces.items():
+        if name in registry._REGISTRY:
+            continue
+        register_backend(
+            name,
+            description="test-only backend of tests/tune_helpers.py",
+            devices=("cpu",),
+            config_space=(Param("variant", variants, "fwd"),),
+            default_config={"variant": "good"},
+        )(_test_backend_fn)
+
+
+@pytest.fixture
+def test_backends(monkeypatch):
+    # Workers are spawned with this process's sys.path: make sure they can import this module.
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    register_test_backends()
+    yield
+    # Other test modules iterate over every registered backend: leave no test backend behind.
+    for name in (FLAKY, STEADY, PRUNE):
+        registry._REGISTRY.pop(name, None)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("SBBENCH_CONFIG_DIR", raising=False)
+    # One thread per worker: on a small shared CI machine, multi-threaded CPU kernels of tiny
+    # inputs time the scheduler, not the config (and make each trial slow).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return tmp_path
+
+
+def _cli(*args: str):
+    from sbbench.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result
+
+
+def _tune(storage: str, *args: str):
+    result = _cli("tune", "--storage", storage, "--no-progress", "--check-seqlen", "32", *args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _study_names(storage: str) -> list[str]:
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+
+
+def _trials(storage: str, name: str):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def _summary_line(output: str, backend: str) -> str:
+    """The row of the summary table (not the progress lines, not the comparison table)."""
+    return next(l for l in output.splitlines()
+                if l.startswith(f"{backend} fwd") and "study" not in l and "cells" not in l)
+
+
+def _real(trials):
+    return [t for t in trials if t.state.is_finished() and t.user_attrs.get("duplicate_of") is None]
+
