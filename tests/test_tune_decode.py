@@ -111,3 +111,26 @@ def test_bad_decode_input_names_the_flag(env, args, flag):
     result = _cli("tune", "--storage", f"sqlite:///{env / 'tune.db'}", "--no-progress", "--backend", "chunked",
                   "--batch", "1", "--heads", "2", "--head-dim", "16", "--seqlens", "64", "--trials", "1", *args)
     assert result.exit_code == 2 and flag in result.output and "Traceback" not in result.output
+
+
+def test_triton_decode_tune_in_the_interpreter_exports_what_its_decode_then_uses(env, monkeypatch):
+    storage = f"sqlite:///{env / 'tune.db'}"
+    _tune(storage, "--backend", "triton", "--pass", "decode", "--batch", "1", "--heads", "4", "--kv-heads", "2",
+          "--head-dim", "16", "--seqlens", "64", "--dtype", "float16", "--trials", "2", "--check-seqlen", "8")
+    [name] = _study_names(storage)
+    assert "/triton/decode/float16/d16/g2/ac0/B1/T64/" in name
+    out = env / "configs"
+    assert _cli("export", "--storage", storage, "--out", str(out), "--min-speedup", "1").exit_code == 0
+    [entry] = config_loader.read_config_file(config_loader.config_file(out, cpu_name(), "triton"))["entries"]
+    original = registry.get_backend("triton")
+    assert set(entry["config"]) == {p.name for p in original.decode_config_space}
+
+    monkeypatch.setenv("SBBENCH_CONFIG_DIR", str(out))
+    tuned.clear_cache()
+    decoy = {**original.decode_default_config, "num_splits": 64 if entry["config"]["num_splits"] != 64 else 32}
+    monkeypatch.setitem(registry._REGISTRY, "triton", dataclasses.replace(original, decode_default_config=decoy))
+    from sbbench.harness.decode import DecodeCase, decode_problem_of, make_decode_inputs
+
+    case = DecodeCase(1, 4, 2, 64, 16, dtype="float16")
+    problem = decode_problem_of(make_decode_inputs(case, "randn", seed=0), case)
+    assert registry.get_backend("triton").resolve_decode_config(problem, None) == entry["config"]
