@@ -4,7 +4,8 @@ One JSON file per device and backend in the format of :mod:`sbbench.core.config_
 (``<out>/<device>/<backend>.json``), written with its ``write_config_file`` (atomically). Per key
 the entry holds the config of the fastest trial that stayed within the numerics budget, over
 every study of that key (TPE and grid), its latency, the default config's latency measured in
-the same study, and the speedup. Backends read the files through ``config_loader.lookup_config``
+the same study, and the speedup. Decode keys (pass ``decode``, with their batch bucket) go in
+the same file. Backends read the files through ``config_loader.lookup_config``
 (their ``tuned_config`` hooks) when ``<out>`` is on the search path: ``$SBBENCH_CONFIG_DIR``, or
 the package's shipped ``sbbench/configs``.
 """
@@ -167,7 +168,8 @@ def _capability_field(device: str, studies: list[StoredStudy]) -> dict[str, Any]
 
 
 def _key_tuple(key: dict[str, Any]) -> tuple:
-    return tuple(str(key.get(name)) for name in ("pass", "dtype", "head_dim", "gqa_group", "attend_current", "seqlen_bucket"))
+    return tuple(str(key.get(name)) for name in ("pass", "dtype", "head_dim", "gqa_group", "attend_current", "seqlen_bucket",
+                                                 "batch_bucket"))
 
 
 def _previous_entries(path: Path, triton_version: Any, result: ExportResult) -> list[dict[str, Any]]:

@@ -244,8 +244,11 @@ class StudyRun:
 
     def _config(self, params: Mapping[str, Any]) -> dict[str, Any]:
         # Every parameter named, so the backend's tuned-config files play no part in the timing.
-        config = {p.name: self.backend.default_config.get(p.name, p.choices[0]) for p in self.backend.config_space}
-        config.update(self.backend.default_config)
+        decode = self.plan.key.pass_ == "decode"
+        space = self.backend.decode_config_space if decode else self.backend.config_space
+        defaults = sampling.pass_defaults(self.backend, self.plan.key.pass_)
+        config = {p.name: defaults.get(p.name, p.choices[0]) for p in space}
+        config.update(defaults)
         config.update(params)
         return config
 
@@ -286,7 +289,7 @@ class StudyRun:
         }
         if compile_outcome is not None and compile_outcome.reply.get("worker_seconds") is not None:
             attrs["compile_seconds"] = float(compile_outcome.reply["worker_seconds"])
-        for name in ("latency_q20_ms", "latency_q80_ms", "implementation", "skipped_fraction", "worker_seconds",
+        for name in ("latency_q20_ms", "latency_q80_ms", "kv_tbps", "implementation", "skipped_fraction", "worker_seconds",
                      "timing_seconds", "check_worst", "checked"):
             if reply.get(name) is not None:
                 attrs[name] = jsonable(reply[name])

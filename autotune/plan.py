@@ -1,11 +1,16 @@
 """What a tuning run will do before anything runs: its settings, one study per key and pass, the
 space each study searches, the configs it starts from, and how much of the time budget it gets.
 
+The ``decode`` pass tunes a backend's decode entry point (``sb_attn_with_kvcache``): each case
+becomes a :class:`~sbbench.harness.decode.DecodeCase` (its seqlen the cache length, with
+``TuneSettings.new_tokens`` queries per sequence), keyed by batch and cache-length bucket.
+
 Nothing here touches a GPU or the study storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,6 +23,7 @@ from sbbench.core.errors import ArgumentError
 from sbbench.core.registry import Backend
 from sbbench.core.tuned import config_key
 from sbbench.harness.cases import Case
+from sbbench.harness.decode import DecodeCase
 
 DEFAULT_TPE_TRIALS = 30
 # A trial whose first timed run is this many times slower than the study's best so far is cut
@@ -27,7 +33,7 @@ DEFAULT_PRUNE_FACTOR = 2.0
 # Share of a run's time budget per pass, in proportion to the pass's share of a training step
 # (causal attention's backward does 2.5x the forward's FLOPs), so the pass that costs users
 # most gets most of the search.
-PASS_WEIGHT = {"fwd": 1.0, "bwd": 2.5}
+PASS_WEIGHT = {"fwd": 1.0, "bwd": 2.5, "decode": 1.0}
 # Besides the timing regime, a config's numerics are checked where block skipping happens, so a
 # skip threshold that breaks the budget cannot pass on data where nothing is skipped.
 CHECK_REGIMES = ("mixed",)
@@ -63,6 +69,7 @@ class TuneSettings:
     plugins: Sequence[str] = ()
     input_seed: int = 20241017
     stale_after: float = 3600.0
+    new_tokens: int = 1  # decode: queries per sequence (Tq)
     measure_kwargs: Mapping[str, Any] = field(default_factory=dict)
     check_kwargs: Mapping[str, Any] = field(default_factory=dict)
     worker_startup_timeout: float = 600.0
@@ -84,7 +91,9 @@ class TuneSettings:
         if self.sampler not in SAMPLERS:
             raise TuneError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if not self.passes or any(p not in PASS_WEIGHT for p in self.passes):
-            raise TuneError("passes", f"expected fwd, bwd or both, got {list(self.passes)}")
+            raise TuneError("passes", f"expected fwd, bwd, both or decode, got {list(self.passes)}")
+        if isinstance(self.new_tokens, bool) or not isinstance(self.new_tokens, int) or self.new_tokens < 1:
+            raise TuneError("new_tokens", f"expected a positive int, got {self.new_tokens!r}")
         positive = {"n_trials": self.n_trials, "time_budget_s": self.time_budget_s,
                     "trial_timeout": self.trial_timeout, "check_seqlen": self.check_seqlen}
         for name, value in positive.items():
@@ -107,8 +116,8 @@ class Plan:
 
     key: TuneKey
     sampler: str
-    case: Case
-    check_case: Case | None
+    case: Case | DecodeCase  # DecodeCase for the decode pass
+    check_case: Case | DecodeCase | None
     space: sampling.Space
     default: dict[str, Any]
     # The backend's whole space for this pass: a study over less gets a name of its own.
@@ -147,7 +156,8 @@ def space_tag(space: Mapping[str, Sequence[Any]]) -> str:
 _MISSING = object()
 
 
-def restrict_space(backend: Backend, full: sampling.Space, wanted: Mapping[str, Sequence[Any]]) -> sampling.Space:
+def restrict_space(backend: Backend, full: sampling.Space, wanted: Mapping[str, Sequence[Any]],
+                   pass_: str = "fwd") -> sampling.Space:
     """``full`` with the parameters named in ``wanted`` cut down to those values (each must be
     one of the parameter's choices; the default value always stays, so the default config is
     still measured). Names of the other pass are ignored here."""
@@ -163,7 +173,7 @@ def restrict_space(backend: Backend, full: sampling.Space, wanted: Mapping[str, 
                                 f"{', '.join(str(c) for c in full[name])})")
             if match not in picked:
                 picked.append(match)
-        default = backend.default_config.get(name, full[name][0])
+        default = sampling.pass_defaults(backend, pass_).get(name, full[name][0])
         if default not in picked:
             picked.append(default)
         space[name] = tuple(c for c in full[name] if c in picked)
@@ -180,6 +190,34 @@ def problem_for(case: Case, device_type: str):
     )
 
 
+def decode_problem_for(case: DecodeCase, device_type: str):
+    """The ``DecodeProblem`` of the harness's inputs for ``case`` (a cache of exactly the slots
+    the queries need), built from the shapes alone."""
+    from sbbench.core.decode_problem import DecodeProblem
+
+    return DecodeProblem(
+        batch=case.batch, heads=case.heads, kv_heads=case.kv_heads, seqlen=case.cache_len + case.new_tokens,
+        head_dim=case.head_dim, dtype=case.torch_dtype, device_type=device_type, attend_current=case.attend_current,
+        inv_temp=1.0 / math.sqrt(case.head_dim), new_tokens=case.new_tokens, cache_capacity=case.capacity,
+    )
+
+
+# The decode oracle is linear in the cache length (one row of keys per query), so its check
+# can afford caches this many times check_seqlen: enough splits and tiles for the merge and
+# block skipping of the tuned config to matter.
+DECODE_CHECK_SCALE = 8
+
+
+def decode_check_case_for(case: DecodeCase, check_seqlen: int) -> DecodeCase:
+    """The decode case the numerics budget is checked on: the tuned case's dtype, head dim, GQA
+    group, Tq and attend_current, with at most two sequences and two kv heads and a cache of
+    at most ``DECODE_CHECK_SCALE * check_seqlen`` tokens."""
+    group = case.heads // case.kv_heads
+    kv = min(case.kv_heads, 2)
+    return dataclasses.replace(case, batch=min(case.batch, 2), heads=kv * group, kv_heads=kv,
+                               cache_len=min(case.cache_len, DECODE_CHECK_SCALE * check_seqlen))
+
+
 def check_case_for(case: Case, check_seqlen: int) -> Case:
     """The case the numerics budget is checked on: the tuned case's dtype, head dim, GQA group
     and attend_current, but short and narrow, because the float64 oracle is O(T^2) in memory
@@ -190,13 +228,28 @@ def check_case_for(case: Case, check_seqlen: int) -> Case:
                 head_dim=case.head_dim, dtype=case.dtype, attend_current=case.attend_current)
 
 
-def case_text(case: Case) -> str:
+def case_text(case: Case | DecodeCase) -> str:
     ac = " attend_current" if case.attend_current else ""
-    return f"B={case.batch} H={case.heads} Hkv={case.kv_heads} T={case.seqlen} D={case.head_dim} {case.dtype}{ac}"
+    tq = f" Tq={case.new_tokens}" if isinstance(case, DecodeCase) else ""
+    return f"B={case.batch} H={case.heads} Hkv={case.kv_heads} T={case.seqlen}{tq} D={case.head_dim} {case.dtype}{ac}"
+
+
+def _study_case(backend: Backend, case: Case, pass_: str, settings: TuneSettings, device_type: str):
+    """(the case a study of ``pass_`` times, its config key, why it cannot run or None)."""
+    if pass_ == "decode":
+        timed: Case | DecodeCase = DecodeCase(
+            batch=case.batch, heads=case.heads, kv_heads=case.kv_heads, cache_len=case.seqlen,
+            head_dim=case.head_dim, new_tokens=settings.new_tokens, dtype=case.dtype,
+            attend_current=case.attend_current,
+        )
+        problem = decode_problem_for(timed, device_type)
+        return timed, config_key(problem, pass_), backend.decode_unsupported_reason(problem)
+    problem = problem_for(case, device_type)
+    return case, config_key(problem, pass_), backend.unsupported_reason(problem)
 
 
 # The tuned configs of other GPUs of the same architecture for one key.
-SiblingLookup = Callable[[TuneKey, Case], list[WarmStart]]
+SiblingLookup = Callable[[TuneKey, "Case | DecodeCase"], list[WarmStart]]
 
 
 def plan_studies(
@@ -207,10 +260,10 @@ def plan_studies(
     first, and notes on cases that were left out."""
     plans: list[Plan] = []
     notes: list[str] = []
-    seen: dict[str, Case] = {}
+    seen: dict[str, Case | DecodeCase] = {}
     for pass_ in settings.passes:
         full = sampling.pass_space(backend, pass_)
-        space = restrict_space(backend, full, settings.space)
+        space = restrict_space(backend, full, settings.space, pass_)
         if not space:
             notes.append(f"{backend.name} has no {pass_} parameters: pass {pass_} not tuned")
             continue
@@ -218,25 +271,28 @@ def plan_studies(
             if case.varlen:
                 notes.append(f"{case_text(case)}: packed varlen cases are not tuned (the key has no varlen)")
                 continue
-            problem = problem_for(case, device_type)
-            reason = backend.unsupported_reason(problem)
+            timed, k, reason = _study_case(backend, case, pass_, settings, device_type)
             if reason is not None:
-                notes.append(f"{case_text(case)}: {backend.name} cannot run it here ({reason})")
+                notes.append(f"{case_text(timed)}: {backend.name} cannot run it here ({reason})")
                 continue
-            k = config_key(problem, pass_)
             key = TuneKey(device=device, backend=backend.name, pass_=pass_, dtype=k["dtype"], head_dim=k["head_dim"],
-                          gqa_group=k["gqa_group"], attend_current=k["attend_current"], seqlen_bucket=k["seqlen_bucket"])
+                          gqa_group=k["gqa_group"], attend_current=k["attend_current"], seqlen_bucket=k["seqlen_bucket"],
+                          batch_bucket=k.get("batch_bucket"))
             name = key.study_name(settings.sampler) + space_tag(space)
             if name in seen:
-                notes.append(f"{case_text(case)}: same key as {case_text(seen[name])} (seqlen bucket "
+                batch = "" if key.batch_bucket is None else f"batch bucket {key.batch_bucket}, "
+                notes.append(f"{case_text(timed)}: same key as {case_text(seen[name])} ({batch}seqlen bucket "
                              f"{key.seqlen_bucket}); tuned once")
                 continue
-            seen[name] = case
-            plan = Plan(key, settings.sampler, case,
-                        check_case_for(case, settings.check_seqlen) if settings.check else None,
-                        space, sampling.default_params(backend, space), full_space=full)
+            seen[name] = timed
+            check_case = None
+            if settings.check:
+                check_case = (decode_check_case_for(timed, settings.check_seqlen) if pass_ == "decode"
+                              else check_case_for(timed, settings.check_seqlen))
+            plan = Plan(key, settings.sampler, timed, check_case, space,
+                        sampling.default_params(backend, space, pass_), full_space=full)
             if settings.warm_start and siblings is not None:
-                plan.warm_start = _warm_configs(plan, siblings(key, case))
+                plan.warm_start = _warm_configs(plan, siblings(key, timed))
             plans.append(plan)
     # The backward first: with a budget too small for everything, the pass that costs a
     # training step most is the one that must not go untuned.

@@ -41,26 +41,34 @@ Admissible = Callable[[Mapping[str, Any]], bool]
 ENUMERATE_MAX = 200_000
 
 
+def pass_defaults(backend: Backend, pass_: str) -> Mapping[str, Any]:
+    """The default config of the entry point that runs ``pass_`` (the decode entry point's for
+    ``decode``, else the backend's)."""
+    return backend.decode_default_config if pass_ == "decode" else backend.default_config
+
+
 def pass_space(backend: Backend, pass_: str) -> Space:
     """The choices of each parameter of one pass; the default value is always a choice, so the
     default config can be enqueued as a trial like any other."""
     space: Space = {}
+    defaults = pass_defaults(backend, pass_)
     for param in backend.params(pass_):  # type: ignore[arg-type]
         choices = tuple(param.choices)
-        default = backend.default_config.get(param.name, choices[0] if choices else None)
+        default = defaults.get(param.name, choices[0] if choices else None)
         if default not in choices:
             choices = choices + (default,)
         space[param.name] = choices
     return space
 
 
-def default_params(backend: Backend, space: Space) -> dict[str, Any]:
+def default_params(backend: Backend, space: Space, pass_: str = "fwd") -> dict[str, Any]:
     """The backend's default config within ``space``: a space restricted to exclude a default
     value (``space={"bwd_dkdv_BLOCK_N": [128]}``) starts from its first choice instead, as a trial
     outside the space's choices could not be told to the sampler."""
     params = {}
+    defaults = pass_defaults(backend, pass_)
     for name, choices in space.items():
-        default = backend.default_config.get(name, choices[0])
+        default = defaults.get(name, choices[0])
         params[name] = default if default in choices else choices[0]
     return params
 

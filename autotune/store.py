@@ -1,7 +1,8 @@
 """Where studies live and how they are named: one Optuna study per tuned-config key.
 
 The key is that of docs/design.md section 7: device name, backend, pass, dtype, head dim, GQA group,
-attend_current and sequence-length bucket. Each key gets one study per sampler (``tpe`` or
+attend_current and sequence-length bucket; a decode key (pass ``decode``) adds the batch bucket,
+and its sequence-length bucket is that of the cache length. Each key gets one study per sampler (``tpe`` or
 ``grid``), named from the key so that a second ``sbbench tune`` with the same flags finds and
 resumes it. What a study was tuned on (the case, the regime, the config space, the versions) is
 kept in its user attributes, so ``sbbench export`` needs nothing but the storage.
@@ -25,7 +26,7 @@ from sbbench.core.errors import ArgumentError
 STUDY_PREFIX = "sbbench"
 STUDY_SCHEMA = 1
 SAMPLERS = ("tpe", "grid")
-PASSES = ("fwd", "bwd")
+PASSES = ("fwd", "bwd", "decode")
 
 
 def cache_dir() -> Path:
@@ -111,7 +112,8 @@ def _hide_password(text: str) -> str:
 
 @dataclass(frozen=True)
 class TuneKey:
-    """One tuned-config key (docs/design.md section 7)."""
+    """One tuned-config key (docs/design.md section 7). ``batch_bucket`` is set for decode keys
+    only (a decode launch's grid grows with the batch); fwd and bwd keys leave it None."""
 
     device: str
     backend: str
@@ -121,10 +123,11 @@ class TuneKey:
     gqa_group: int
     attend_current: bool
     seqlen_bucket: int
+    batch_bucket: int | None = None
 
     def entry_key(self) -> dict[str, Any]:
         """The ``key`` of a config file entry (sbbench.core.config_loader)."""
-        return {
+        key = {
             "pass": self.pass_,
             "dtype": self.dtype,
             "head_dim": self.head_dim,
@@ -132,6 +135,9 @@ class TuneKey:
             "attend_current": self.attend_current,
             "seqlen_bucket": self.seqlen_bucket,
         }
+        if self.batch_bucket is not None:
+            key["batch_bucket"] = self.batch_bucket
+        return key
 
     def study_name(self, sampler: str) -> str:
         return "/".join(
@@ -144,6 +150,7 @@ class TuneKey:
                 f"d{self.head_dim}",
                 f"g{self.gqa_group}",
                 f"ac{int(self.attend_current)}",
+                *([] if self.batch_bucket is None else [f"B{self.batch_bucket}"]),
                 f"T{self.seqlen_bucket}",
                 sampler,
             ]
@@ -152,11 +159,14 @@ class TuneKey:
     def label(self) -> str:
         """Short text for tables and progress bars."""
         ac = " ac" if self.attend_current else ""
-        return f"{self.backend} {self.pass_} {self.dtype} D{self.head_dim} g{self.gqa_group}{ac} T{self.seqlen_bucket}"
+        batch = "" if self.batch_bucket is None else f" B{self.batch_bucket}"
+        return f"{self.backend} {self.pass_} {self.dtype} D{self.head_dim} g{self.gqa_group}{ac}{batch} T{self.seqlen_bucket}"
 
     def to_attrs(self) -> dict[str, Any]:
         data = asdict(self)
         data["pass"] = data.pop("pass_")
+        if data["batch_bucket"] is None:
+            del data["batch_bucket"]
         return data
 
     @classmethod
@@ -170,6 +180,7 @@ class TuneKey:
             gqa_group=int(data["gqa_group"]),
             attend_current=bool(data["attend_current"]),
             seqlen_bucket=int(data["seqlen_bucket"]),
+            batch_bucket=None if data.get("batch_bucket") is None else int(data["batch_bucket"]),
         )
 
 

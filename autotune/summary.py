@@ -156,10 +156,10 @@ def trial_row(t: FrozenTrial, plan: Plan, study_attrs: Mapping[str, Any], regime
         TuneRow, command="tune", device=plan.key.device, torch_version=study_attrs.get("torch_version"),
         triton_version=study_attrs.get("triton_version"), sbbench_version=study_attrs.get("sbbench_version"),
         git_commit=ua.get("git_commit"), backend=plan.key.backend, implementation=ua.get("implementation"),
-        config=ua.get("config") or dict(t.params), **asdict(plan.case), mode=plan.key.pass_, regime=regime,
+        config=ua.get("config") or dict(t.params), **plan.case.columns(), mode=plan.key.pass_, regime=regime,
         status=status, error=ua.get("error"), latency_ms=measured,
         latency_q20_ms=ua.get("latency_q20_ms"), latency_q80_ms=ua.get("latency_q80_ms"),
-        tflops=plan.case.flops(plan.key.pass_) / (latency * 1e-3) / 1e12 if latency else None,
+        tflops=plan.case.flops(plan.key.pass_) / (latency * 1e-3) / 1e12 if latency and plan.key.pass_ != "decode" else None,
         speedup=default_ms / latency if default_ms and latency else None,
         skipped_fraction=ua.get("skipped_fraction"),
         passed=None if latency is None or ua.get("constraint") is None else sampling.is_feasible(t),
@@ -170,7 +170,8 @@ def trial_row(t: FrozenTrial, plan: Plan, study_attrs: Mapping[str, Any], regime
         default_latency_ms=default_ms, constraint=(ua.get("constraint") or [None])[0],
         check_worst=ua.get("check_worst"), duration_s=trial_seconds(t), timing_s=ua.get("timing_seconds"),
         compile_s=ua.get("compile_seconds"), finished_after_s=ua.get("finished_after_seconds"),
-        seqlen_bucket=plan.key.seqlen_bucket, gqa_group=plan.key.gqa_group,
+        seqlen_bucket=plan.key.seqlen_bucket, gqa_group=plan.key.gqa_group, batch_bucket=plan.key.batch_bucket,
+        kv_tbps=ua.get("kv_tbps") if latency else None,
         datetime_start=t.datetime_start.isoformat() if t.datetime_start else None,
     )
 

@@ -9,8 +9,9 @@ other (:mod:`.loop`), each within its share of the time budget:
 * configs the backend's launch filter rejects (too much shared memory, too many registers) or
   that failed to launch in an earlier study are never launched;
 * the objective is the median latency of the pass being tuned (``measure`` mode ``fwd`` or
-  ``bwd``), with the other pass's parameters at their defaults; a config slower than twice the
-  best so far is cut after one timed run (PRUNED);
+  ``bwd``, with the other pass's parameters at their defaults; ``measure_decode`` for the
+  ``decode`` pass, the decode entry point's parameters, keyed by batch and cache-length bucket
+  too); a config slower than twice the best so far is cut after one timed run (PRUNED);
 * a config faster than the best checked one is checked against the numerics budget; outside it,
   the trial is *infeasible* and TPE's ``constraints_func`` steers away from it;
 * a config that fails to compile, raises, kills or hangs its worker is a FAIL trial with the
@@ -57,6 +58,7 @@ from sbbench.autotune.worker import Worker, import_plugins, visible_gpu_ids
 from sbbench.core.errors import ArgumentError
 from sbbench.core.registry import Backend, get_backend
 from sbbench.harness.cases import Case
+from sbbench.harness.decode import DecodeCase
 
 __all__ = ["Reporter", "TuneError", "TuneInterrupted", "TuneResult", "TuneSettings", "run_tuning"]
 
@@ -164,14 +166,16 @@ def _check_backend(settings: TuneSettings) -> Backend:
         raise TuneError("backend", exc.message) from None
     if backend.kind != "stickbreaking":
         raise TuneError("backend", f"{backend.name!r} is a {backend.kind} comparator, not a stick-breaking backend")
-    if not backend.config_space:
+    if "decode" in settings.passes and backend.decode is None:
+        raise TuneError("backend", f"{backend.name!r} has no KV-cache decode entry point to tune")
+    if not any(backend.decode_config_space if p == "decode" else backend.config_space for p in settings.passes):
         raise TuneError("backend", f"{backend.name!r} has no launch parameters to tune")
-    known = {p.name for p in backend.config_space}
+    known = {p.name for p in backend.config_space + backend.decode_config_space}
     unknown = sorted(set(settings.space) - known)
     if unknown:
         raise TuneError("space", f"backend {backend.name!r} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
     for pass_ in settings.passes:  # bad values are usage errors before any worker starts
-        restrict_space(backend, sampling.pass_space(backend, pass_), settings.space)
+        restrict_space(backend, sampling.pass_space(backend, pass_), settings.space, pass_)
     return backend
 
 
@@ -186,10 +190,10 @@ def _sibling_lookup(backend: Backend, env: Mapping[str, Any]):
     if finder is None:
         return None
 
-    def lookup(key: TuneKey, case: Case) -> list[WarmStart]:
+    def lookup(key: TuneKey, case: Case | DecodeCase) -> list[WarmStart]:
         found = finder(key.device, backend.name, tuple(capability), pass_=key.pass_, dtype=key.dtype,
                        head_dim=key.head_dim, gqa_group=key.gqa_group, attend_current=key.attend_current,
-                       seqlen=case.seqlen)
+                       seqlen=case.seqlen, batch=key.batch_bucket)
         return [WarmStart(dict(config), str(path)) for config, path in found]
 
     return lookup
@@ -197,7 +201,7 @@ def _sibling_lookup(backend: Backend, env: Mapping[str, Any]):
 
 def _cells(plan: Plan, backend: Backend, device_type: str, limits: Mapping[str, Any]) -> sampling.Cells:
     """The configs of ``plan``'s space the backend's launch filter lets through."""
-    if backend.launch_filter is None:
+    if backend.launch_filter is None or plan.key.pass_ == "decode":  # the filter judges fwd/bwd launches
         return sampling.Cells(plan.space)
     problem = problem_for(plan.case, device_type)
     base = {**{p.name: p.choices[0] for p in backend.config_space}, **backend.default_config}

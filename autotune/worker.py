@@ -12,9 +12,10 @@ A worker serves one device: ``CUDA_VISIBLE_DEVICES`` is set to its GPU before CU
 inside it the GPU is ``cuda:0``. Workers outlive single trials, so imports, Triton's compiled
 kernels and the timing inputs are paid for once per worker, not once per trial.
 
-The worker times and checks only through the harness:
-``sbbench.harness.bench.measure`` for the latency and ``sbbench.harness.check.check_case`` for
-the numerics budget.
+The worker times and checks only through the harness: ``sbbench.harness.bench.measure`` for
+the latency and ``sbbench.harness.check.check_case`` for the numerics budget; for the
+``decode`` pass (task mode ``decode``) ``sbbench.harness.decode``'s ``measure_decode`` and
+``check_decode_case``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def _worker_main(conn: Any, gpu: tuple[int, str] | None, plugins: Sequence[str],
         # limit covers only its own compile, timing and check.
         import sbbench.harness.bench  # noqa: F401
         import sbbench.harness.check  # noqa: F401
+        import sbbench.harness.decode  # noqa: F401
         from sbbench.core.registry import backend_names
 
         backend_names()
@@ -187,10 +189,18 @@ def _context_poisoned(device: str, text: str) -> bool:
     return "cuda error" in lowered or "illegal" in lowered or "acceleratorerror" in lowered
 
 
+def _task_case(task: Mapping[str, Any], name: str = "case") -> Any:
+    """The task's case (or check case): a DecodeCase for the decode pass, else a Case."""
+    from sbbench.harness.cases import Case
+    from sbbench.harness.decode import DecodeCase
+
+    return (DecodeCase if task["mode"] == "decode" else Case)(**task[name])
+
+
 def _timing_inputs(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> Any:
     """The same inputs for every trial of a study (seeded), so trials differ only by config:
     in the ``mixed`` regime the data decides how many blocks can be skipped."""
-    from sbbench.harness.cases import Case
+    from sbbench.harness.decode import make_decode_inputs
     from sbbench.harness.inputs import make_inputs
 
     key = ("inputs", tuple(sorted(task["case"].items())), task["regime"], task["mode"], task["input_seed"])
@@ -198,10 +208,12 @@ def _timing_inputs(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) 
         # One study's inputs at a time: a long sweep must not pile up GPU memory.
         for old in [k for k in cache if k[0] == "inputs"]:
             del cache[old]
-        cache[key] = make_inputs(
-            Case(**task["case"]), task["regime"], device=device, seed=task["input_seed"],
-            requires_grad=task["mode"] != "fwd",
-        )
+        case = _task_case(task)
+        if task["mode"] == "decode":
+            cache[key] = make_decode_inputs(case, task["regime"], device=device, seed=task["input_seed"])
+        else:
+            cache[key] = make_inputs(case, task["regime"], device=device, seed=task["input_seed"],
+                                     requires_grad=task["mode"] != "fwd")
     return cache[key]
 
 
@@ -237,10 +249,13 @@ def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -
     reply: dict[str, Any] = {"restart": False, "status": "ok"}
     try:
         from sbbench.harness.bench import run_once
-        from sbbench.harness.cases import Case
+        from sbbench.harness.decode import run_decode_once
 
-        run_once(task["backend"], Case(**task["case"]), task["mode"], _timing_inputs(task, device, cache),
-                 device=device, config=dict(task["config"]))
+        inputs = _timing_inputs(task, device, cache)
+        if task["mode"] == "decode":
+            run_decode_once(task["backend"], _task_case(task), inputs, config=dict(task["config"]))
+        else:
+            run_once(task["backend"], _task_case(task), task["mode"], inputs, device=device, config=dict(task["config"]))
     except BaseException as exc:  # the timing worker meets the same failure and records it
         reply.update(status="error", error=f"{type(exc).__name__}: {exc}"[:4000])
         reply["restart"] = _context_poisoned(device, str(reply["error"]))
@@ -253,20 +268,24 @@ def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> di
     reply: dict[str, Any] = {"restart": False}
     try:
         from sbbench.harness.bench import measure
-        from sbbench.harness.cases import Case
+        from sbbench.harness.decode import measure_decode
 
-        case = Case(**task["case"])
+        decode = task["mode"] == "decode"
+        case = _task_case(task)
         inputs = _timing_inputs(task, device, cache)
         timing_started = time.perf_counter()  # the study's inputs are made once, not per config
-        row = measure(
-            task["backend"], case, task["mode"], task["regime"], device=device, config=dict(task["config"]),
-            inputs=inputs, prune_above_ms=task.get("prune_above_ms"), **dict(task.get("measure_kwargs") or {}),
-        )
+        timing_args = dict(device=device, config=dict(task["config"]), inputs=inputs,
+                           prune_above_ms=task.get("prune_above_ms"), **dict(task.get("measure_kwargs") or {}))
+        if decode:
+            row = measure_decode(task["backend"], case, task["regime"], **timing_args)
+        else:
+            row = measure(task["backend"], case, task["mode"], task["regime"], **timing_args)
         reply["timing_seconds"] = time.perf_counter() - timing_started
         reply.update(
             status=row.get("status"), error=row.get("error"), latency_ms=row.get("latency_ms"),
             latency_q20_ms=row.get("latency_q20_ms"), latency_q80_ms=row.get("latency_q80_ms"),
             implementation=row.get("implementation"), skipped_fraction=row.get("skipped_fraction"),
+            kv_tbps=row.get("kv_tbps"),
         )
         check_below = task.get("check_below_ms")
         if row.get("status") == "pruned":
@@ -280,12 +299,8 @@ def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> di
             reply["checked"] = False
         elif task.get("check_case"):
             reply["checked"] = True
-            from sbbench.harness.check import check_case
-
-            rows = [row for regime in task.get("check_regimes") or [task["regime"]] for row in check_case(
-                task["backend"], Case(**task["check_case"]), regime, device=device,
-                config=dict(task["config"]), fa2=False, **dict(task.get("check_kwargs") or {}),
-            )]
+            rows = [row for regime in task.get("check_regimes") or [task["regime"]]
+                    for row in _check_rows(task, regime, device)]
             # A backend that raises in the check (or a check that cannot run) is a failed trial;
             # only a run that finished with outputs outside the budget is infeasible.
             errors = [r for r in rows if r.get("status") != "ok"]
@@ -311,6 +326,17 @@ def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> di
                 reply["restart"] = True
     reply["worker_seconds"] = time.perf_counter() - started
     return reply
+
+
+def _check_rows(task: Mapping[str, Any], regime: str, device: str) -> list[dict[str, Any]]:
+    """The numerics check of the task's config on its check case in ``regime``."""
+    from sbbench.harness.check import check_case
+    from sbbench.harness.decode import check_decode_case
+
+    case, config, extra = _task_case(task, "check_case"), dict(task["config"]), dict(task.get("check_kwargs") or {})
+    if task["mode"] == "decode":
+        return check_decode_case(task["backend"], case, regime, device=device, config=config, **extra)
+    return check_case(task["backend"], case, regime, device=device, config=config, fa2=False, **extra)
 
 
 def _positive(x: Any) -> bool:

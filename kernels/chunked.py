@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sbbench.core.registry import Param, register_backend
-from sbbench.core.tuned import tuned_config_hook
+from sbbench.core.tuned import decode_tuned_config_hook, tuned_config_hook
 from sbbench.kernels.varlen import run_per_sequence
 
 BLOCK_CHOICES = (16, 32, 64, 128, 256, 512)
@@ -337,6 +337,7 @@ def split_kv_decode(
     decode=split_kv_decode,
     decode_config_space=DECODE_CONFIG_SPACE,
     decode_default_config=DECODE_DEFAULT_CONFIG,
+    decode_tuned_config=decode_tuned_config_hook("chunked"),
 )
 def chunked(
     q: torch.Tensor,

@@ -332,22 +332,27 @@ def _run_isolated(script: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_loader_copied_alone_finds_configs_including_by_capability(tmp_path):
     shutil.copy(REPO / "sbbench" / "core" / "config_loader.py", tmp_path / "config_loader.py")
-    write(tmp_path / "configs", H100, "triton", _configs(1), compute_capability=[9, 0])
+    decode = {"key": {**KEY, "pass": "decode", "batch_bucket": 16, "seqlen_bucket": 32768}, "config": {"num_splits": 8}}
+    write(tmp_path / "configs", H100, "triton", _configs(1) + [decode], compute_capability=[9, 0])
+    decode_key = {**LOOKUP, "pass_": "decode", "seqlen": 20000, "batch": 9}
     script = (
         "import json, warnings\n"
         "warnings.simplefilter('always')\n"
         "from config_loader import lookup_config, same_architecture_configs\n"
         f"key = {LOOKUP!r}\n"
+        f"decode_key = {decode_key!r}\n"
         f"own = lookup_config({H100!r}, 'triton', search_path=['configs'], **key)\n"
         f"sibling = lookup_config({H200!r}, 'triton', search_path=['configs'], compute_capability=(9, 0), **key)\n"
         f"none = lookup_config({H200!r}, 'triton', search_path=['configs'], **key)\n"
         f"warm = same_architecture_configs({H200!r}, 'triton', (9, 0), search_path=['configs'], **key)\n"
-        "print(json.dumps([own, sibling, none, [c for c, _ in warm]]))\n"
+        f"dec = lookup_config({H100!r}, 'triton', search_path=['configs'], **decode_key)\n"
+        f"dec_warm = same_architecture_configs({H200!r}, 'triton', (9, 0), search_path=['configs'], **decode_key)\n"
+        "print(json.dumps([own, sibling, none, [c for c, _ in warm], dec, [c for c, _ in dec_warm]]))\n"
     )
     out = _run_isolated(script, tmp_path)
     assert out.returncode == 0, out.stderr
     want = {"fwd_block_q": 32, "fwd_block_k": 16}
-    assert json.loads(out.stdout) == [want, want, None, [want]]
+    assert json.loads(out.stdout) == [want, want, None, [want], {"num_splits": 8}, [{"num_splits": 8}]]
     assert "same compute capability 9.0" in out.stderr
 
 
@@ -387,3 +392,108 @@ def test_export_records_the_compute_capability_the_tuner_saw():
     assert _capability_field("NVIDIA H200", [old, unknown, new]) == {"compute_capability": [9, 0]}
     if not torch.cuda.is_available():
         assert _capability_field("NVIDIA H200", [unknown]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# decode keys: nearest batch bucket, then nearest cache-length bucket
+
+
+def decode_entry(batch_bucket: int, seqlen_bucket: int, num_splits: int) -> dict:
+    return {"key": {**KEY, "pass": "decode", "batch_bucket": batch_bucket, "seqlen_bucket": seqlen_bucket},
+            "config": {"num_splits": num_splits}}
+
+
+DECODE_GRID = [decode_entry(b, t, 10 * i + j) for i, b in enumerate((1, 16, 64)) for j, t in enumerate((4096, 32768, 131072))]
+
+
+@pytest.mark.parametrize("batch, cache, want", [
+    (1, 4096, 0),  # the exact key
+    (13, 32768, 11),  # batch bucket 16
+    (2, 131072, 2),  # batch bucket 2: one octave from 1, three from 16
+    (4, 8192, 10),  # batch bucket 4: two octaves from 1 and from 16, a tie the larger wins; cache 8192: 4096 nearest
+    (4, 65536, 12),  # cache bucket 65536: one octave from 32768 and from 131072, a tie the larger wins
+    (256, 5000, 20),  # beyond the largest batch: 64
+    (64, 1 << 20, 22),  # beyond the longest cache: 131072
+])
+def test_decode_lookup_takes_the_nearest_batch_bucket_then_the_nearest_cache_bucket(tmp_path, batch, cache, want):
+    write(tmp_path, H100, "triton", DECODE_GRID)
+    found = config_loader.lookup_config(H100, "triton", search_path=[tmp_path], **{
+        **LOOKUP, "pass_": "decode", "seqlen": cache, "batch": batch})
+    assert found == {"num_splits": want}
+
+
+def test_decode_lookup_prefers_the_batch_over_the_cache_length(tmp_path):
+    # The exact cache bucket lives only at a far batch bucket: the nearer batch wins.
+    write(tmp_path, H100, "triton", [decode_entry(1, 4096, 1), decode_entry(64, 131072, 2)])
+    found = config_loader.lookup_config(H100, "triton", search_path=[tmp_path],
+                                        **{**LOOKUP, "pass_": "decode", "seqlen": 131072, "batch": 2})
+    assert found == {"num_splits": 1}
+
+
+def test_decode_entries_leave_fwd_and_bwd_lookups_alone(tmp_path):
+    fwd, bwd = entry(), entry({"bwd_block_q": 64}, **{"pass": "bwd"})
+    write(tmp_path, H100, "triton", [fwd, bwd] + DECODE_GRID)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert config_loader.lookup_config(H100, "triton", search_path=[tmp_path], **LOOKUP) == GOOD
+        assert config_loader.lookup_config(H100, "triton", search_path=[tmp_path],
+                                           **{**LOOKUP, "pass_": "bwd"}) == {"bwd_block_q": 64}
+    assert config_warnings(record) == []
+    # Only decode entries: a decode lookup finds nothing for fwd, and the other way round.
+    write(tmp_path, A100, "triton", DECODE_GRID)
+    assert config_loader.lookup_config(A100, "triton", search_path=[tmp_path], warn_default=False, **LOOKUP) is None
+    write(tmp_path, GH200, "triton", [fwd, bwd])
+    assert config_loader.lookup_config(GH200, "triton", search_path=[tmp_path], warn_default=False,
+                                       **{**LOOKUP, "pass_": "decode", "batch": 1}) is None
+
+
+def test_decode_lookup_needs_the_batch_and_decode_entries_their_batch_bucket(tmp_path):
+    write(tmp_path, H100, "triton", [decode_entry(1, 4096, 1)])
+    with pytest.raises(ValueError, match="batch"):
+        config_loader.lookup_config(H100, "triton", search_path=[tmp_path], **{**LOOKUP, "pass_": "decode"})
+    bad = decode_entry(1, 4096, 2)
+    del bad["key"]["batch_bucket"]
+    assert config_loader.entry_problem(bad) == "key.batch_bucket missing"
+    assert config_loader.entry_problem(decode_entry(0, 4096, 2)) == "key.batch_bucket is 0, expected a positive integer"
+
+
+def _decode_problem(batch: int, capacity: int, new_tokens: int = 1, attend_current: bool = False, append: bool = False):
+    from sbbench.core.decode_problem import validate_decode
+
+    q = torch.randn(batch, 4, new_tokens, 16)
+    k_cache = torch.zeros(batch, 2, capacity, 16)
+    new = torch.randn(batch, 2, new_tokens, 16) if append else None
+    return validate_decode(q, k_cache, k_cache.clone(), torch.zeros(batch, dtype=torch.int32), None, attend_current,
+                           new, None if new is None else new.clone())
+
+
+def test_decode_key_buckets_the_batch_and_the_cache_length_the_capacity_allows():
+    # The cache length comes from S_max (no read of cache_seqlens): S_max less the slots the
+    # queries take, here 4096 in each case.
+    for problem in (_decode_problem(5, 4096), _decode_problem(5, 4098, new_tokens=3),
+                    _decode_problem(5, 4097, attend_current=True), _decode_problem(5, 4099, new_tokens=3, append=True)):
+        assert tuned.decode_cache_length(problem) == 4096
+        key = tuned.config_key(problem, "decode")
+        assert (key["pass"], key["batch_bucket"], key["seqlen_bucket"], key["gqa_group"]) == ("decode", 8, 4096, 2)
+    assert tuned.config_key(_decode_problem(1, 4097), "decode")["seqlen_bucket"] == 8192
+
+
+def test_sb_attn_with_kvcache_uses_the_decode_entry_of_its_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("SBBENCH_CONFIG_DIR", str(tmp_path))
+    key = {"pass": "decode", "dtype": "float32", "head_dim": 16, "gqa_group": 2, "attend_current": False}
+    entries = [{"key": {**key, "batch_bucket": b, "seqlen_bucket": t}, "config": {"num_splits": n}}
+               for b, t, n in ((1, 64, 2), (4, 64, 8), (4, 512, 16))]
+    entries.append({"key": {**key, "batch_bucket": 1, "seqlen_bucket": 128}, "config": {"num_splits": 3}})  # not a choice
+    write(tmp_path, cpu_name(), "chunked", entries)
+    chunked = get_backend("chunked")
+    assert chunked.resolve_decode_config(_decode_problem(3, 60), None) == {"num_splits": 8}
+    assert chunked.resolve_decode_config(_decode_problem(3, 400), None) == {"num_splits": 16}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        # Batch 1, cache 100: the nearest entry (T128) has a value outside chunked's choices,
+        # skipped with a warning naming the file; the next nearest (T64) is used.
+        assert chunked.resolve_decode_config(_decode_problem(1, 100), None) == {"num_splits": 2}
+    assert any("num_splits=3 is not one of chunked's choices" in m and "chunked.json" in m
+               for m in config_warnings(record))
+    # An explicit config wins over the file.
+    assert chunked.resolve_decode_config(_decode_problem(3, 60), {"num_splits": 1}) == {"num_splits": 1}

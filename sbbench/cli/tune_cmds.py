@@ -41,7 +41,7 @@ FLAGS = {
     "backend": "--backend", "passes": "--pass", "n_trials": "--trials", "time_budget_s": "--minutes",
     "sampler": "--sampler", "storage": "--storage", "devices": "--devices", "trial_timeout": "--trial-timeout",
     "check_seqlen": "--check-seqlen", "startup_trials": "--startup-trials", "space": "--space",
-    "compile_workers": "--compile-workers", "prune_factor": "--prune-factor",
+    "compile_workers": "--compile-workers", "prune_factor": "--prune-factor", "new_tokens": "--new-tokens",
     "cases": "--batch/--heads/--kv-heads/--head-dim/--seqlens",
     "regime": "--regime", "plugins": "--import",
     # sweep fields (the shape flags map to themselves)
@@ -235,7 +235,9 @@ def tune_command(
     backend: Annotated[Optional[str], typer.Option(
         "--backend", help="Backend(s) to tune, comma-separated (default: triton and chunked on a GPU, chunked "
         "on the CPU).", show_default=False)] = None,
-    pass_: Annotated[str, typer.Option("--pass", help="Which pass's parameters to tune: fwd, bwd or both.")] = "both",
+    pass_: Annotated[str, typer.Option("--pass", help="Which pass's parameters to tune: fwd, bwd, both (fwd and "
+        "bwd) or decode (sb_attn_with_kvcache's, keyed by batch and cache-length bucket; --seqlens are cache "
+        "lengths); or a comma-separated list such as fwd,bwd,decode.")] = "both",
     trials: Annotated[Optional[int], typer.Option(
         "--trials", help="New trials per study in this run (default: 30 for tpe; the whole space for grid).",
         show_default=False)] = None,
@@ -293,12 +295,14 @@ def tune_command(
     imports: Annotated[Optional[list[str]], typer.Option(
         "--import", help="Import MODULE (or call MODULE:FUNCTION) first, in the tuner and every worker: "
         "how a tunable backend of your own registers itself. Repeatable.", show_default=False)] = None,
+    new_tokens: Annotated[int, typer.Option(
+        "--new-tokens", help="--pass decode: new queries per sequence (Tq) of the decode cases tuned.")] = 1,
     progress: Annotated[Optional[bool], typer.Option(
         "--progress/--no-progress", help="Progress bar (default: on a terminal); otherwise one line per trial.",
         show_default=False)] = None,
 ) -> None:
     """Tune launch parameters: one resumable Optuna study per config key (device, backend, pass,
-    dtype, head dim, GQA group, attend_current, seqlen bucket).
+    dtype, head dim, GQA group, attend_current, seqlen bucket; decode adds the batch bucket).
 
     Each trial runs in a worker process (a crash or hang fails only that trial), is timed with
     the harness, and is checked against the numerics budget. Killing the run loses no finished
@@ -308,7 +312,7 @@ def tune_command(
     from sbbench.autotune.tuner import TuneError, TuneInterrupted, TuneSettings, run_tuning
 
     # TuneSettings checks the passes: an unknown one goes through as it is and is refused there.
-    passes = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd")}.get(pass_, (pass_,))
+    passes = ("fwd", "bwd") if pass_ == "both" else tuple(p.strip() for p in pass_.split(",") if p.strip())
     if minutes is not None and timeout is not None:
         raise _usage("--minutes/--timeout: give the budget once")
     if minutes is not None and not minutes > 0:
@@ -374,7 +378,7 @@ def tune_command(
             time_budget_s=job_budget, storage=storage, devices=device_list, trial_timeout=trial_timeout, check=check,
             check_seqlen=check_seqlen, seed=seed, plugins=plugins, space=space_map,
             startup_trials=startup_trials, warm_start=warm_start, compile_workers=compile_workers,
-            prune_factor=prune_factor,
+            prune_factor=prune_factor, new_tokens=new_tokens,
         )
         try:
             result = run_tuning(settings, reporter.reporter)
@@ -449,10 +453,10 @@ def export_command(
         k = e.entry["key"]
         speed = e.entry.get("speedup_over_default")
         rows.append([e.device, e.backend, k["pass"], k["dtype"], k["head_dim"], k["gqa_group"], k["attend_current"],
-                     k["seqlen_bucket"], _fmt_config(e.entry["config"]), _fmt_ms(e.entry["latency_ms"]),
+                     k.get("batch_bucket", "-"), k["seqlen_bucket"], _fmt_config(e.entry["config"]), _fmt_ms(e.entry["latency_ms"]),
                      _fmt_ms(e.entry.get("default_latency_ms")), f"{speed:.2f}x" if speed else "-"])
     typer.echo(tabulate(rows, headers=["device", "backend", "pass", "dtype", "D", "group", "attend_current",
-                                       "bucket", "config", "ms", "default ms", "speedup"], disable_numparse=True))
+                                       "batch bucket", "bucket", "config", "ms", "default ms", "speedup"], disable_numparse=True))
     for path in result.files:
         typer.echo(f"wrote {path}")
     if not result.on_search_path:

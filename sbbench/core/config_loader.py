@@ -15,6 +15,10 @@ where ``<device>`` is ``torch.cuda.get_device_name()`` with spaces as underscore
                   "config": {...}, "latency_ms": 1.23, "default_latency_ms": 1.40,
                   "speedup_over_default": 1.14}]}
 
+A decode entry (``sb_attn_with_kvcache``'s launch parameters) has pass ``"decode"`` and one key
+field more, ``batch_bucket`` (the power of two at or above the batch); its ``seqlen_bucket`` is
+that of the cache length.
+
 Which file: the device's own file, from the first directory of the search path that has one.
 A device without its own file, when the caller gives its compute capability, uses the file of
 the nearest device with the same capability (same architecture: the H100's configs suit an
@@ -24,7 +28,9 @@ config. Each of these fallbacks warns once, naming the file used.
 
 Which entry: the one with the same pass, dtype, head dim, GQA group and attend_current and the
 nearest sequence-length bucket (in log2 distance; ties go to the larger bucket, whose launch
-grid is closer to saturating the GPU). A malformed entry (not an object, a key field missing
+grid is closer to saturating the GPU). For decode, the nearest batch bucket first (log2
+distance, ties to the larger), then among the entries of that batch bucket the nearest
+cache-length bucket by the same rule. A malformed entry (not an object, a key field missing
 or of the wrong type, a config that is not an object of numbers and strings) is skipped with one
 warning naming the file and the entry; so is an entry whose config the caller's ``validate``
 rejects. A file made under another Triton version warns once.
@@ -44,7 +50,7 @@ from typing import Any, Callable, Iterable
 SCHEMA_VERSION = 1
 ENV_VAR = "SBBENCH_CONFIG_DIR"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
-PASSES = ("fwd", "bwd")
+PASSES = ("fwd", "bwd", "decode")
 # The fields of an entry's key and their JSON types.
 KEY_FIELDS: dict[str, type] = {
     "pass": str,
@@ -54,6 +60,8 @@ KEY_FIELDS: dict[str, type] = {
     "attend_current": bool,
     "seqlen_bucket": int,
 }
+# The key field decode entries add (and fwd/bwd entries do not have).
+DECODE_KEY_FIELDS: dict[str, type] = {"batch_bucket": int}
 
 
 class ConfigWarning(UserWarning):
@@ -77,9 +85,18 @@ def device_file_stem(device_name: str) -> str:
 
 def seqlen_bucket(seqlen: int) -> int:
     """The power of two at or above ``seqlen``."""
-    if seqlen < 1:
-        raise ValueError(f"seqlen: expected a positive int, got {seqlen}")
-    return 1 << (seqlen - 1).bit_length()
+    return _bucket("seqlen", seqlen)
+
+
+def batch_bucket(batch: int) -> int:
+    """The power of two at or above ``batch`` (decode keys)."""
+    return _bucket("batch", batch)
+
+
+def _bucket(name: str, value: int) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return 1 << (value - 1).bit_length()
 
 
 def config_search_path() -> list[Path]:
@@ -118,7 +135,10 @@ def entry_problem(entry: Any) -> str | None:
     key = entry.get("key")
     if not isinstance(key, dict):
         return "no 'key' object"
-    for name, kind in KEY_FIELDS.items():
+    fields = dict(KEY_FIELDS)
+    if key.get("pass") == "decode":
+        fields.update(DECODE_KEY_FIELDS)
+    for name, kind in fields.items():
         if name not in key:
             return f"key.{name} missing"
         value = key[name]
@@ -276,15 +296,27 @@ def load_tuned_configs(
     return {**tuned.data, "entries": [entry for _, entry in tuned.entries]}, tuned.path
 
 
+def _distance(entry: dict[str, Any], field: str, target: int) -> tuple[float, int]:
+    """Log2 distance of the entry's bucket ``field`` from ``target`` (a bucket), the larger
+    bucket first on a tie."""
+    bucket = entry["key"][field]
+    return abs(math.log2(bucket) - math.log2(target)), -bucket
+
+
 def _nearest_entry(
     tuned: TunedFile,
     key: dict[str, Any],
     seqlen: int,
     validate: Callable[[dict[str, Any]], str | None] | None,
+    batch: int | None = None,
 ) -> dict[str, Any] | None:
     matching = [(i, e) for i, e in tuned.entries if all(e["key"][name] == value for name, value in key.items())]
-    target = math.log2(seqlen_bucket(seqlen))
-    matching.sort(key=lambda ie: (abs(math.log2(ie[1]["key"]["seqlen_bucket"]) - target), -ie[1]["key"]["seqlen_bucket"]))
+    target = seqlen_bucket(seqlen)
+    if key["pass"] == "decode":
+        wanted = batch_bucket(batch)
+        matching.sort(key=lambda ie: (_distance(ie[1], "batch_bucket", wanted), _distance(ie[1], "seqlen_bucket", target)))
+    else:
+        matching.sort(key=lambda ie: _distance(ie[1], "seqlen_bucket", target))
     for index, entry in matching:
         problem = validate(dict(entry["config"])) if validate is not None else None
         if problem is None:
@@ -293,7 +325,12 @@ def _nearest_entry(
     return None
 
 
-def _lookup_key(pass_: str, dtype: str, head_dim: int, gqa_group: int, attend_current: bool) -> dict[str, Any]:
+def _lookup_key(pass_: str, dtype: str, head_dim: int, gqa_group: int, attend_current: bool,
+                batch: int | None) -> dict[str, Any]:
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_: expected one of {', '.join(PASSES)}, got {pass_!r}")
+    if pass_ == "decode":
+        batch_bucket(batch)  # a decode lookup needs the batch: ValueError naming it otherwise
     return {"pass": pass_, "dtype": dtype, "head_dim": head_dim, "gqa_group": gqa_group, "attend_current": attend_current}
 
 
@@ -307,6 +344,7 @@ def lookup_config(
     gqa_group: int,
     attend_current: bool,
     seqlen: int,
+    batch: int | None = None,
     triton_version: str | None = None,
     compute_capability: tuple[int, int] | None = None,
     search_path: Iterable[Path] | None = None,
@@ -314,6 +352,9 @@ def lookup_config(
     warn_default: bool = True,
 ) -> dict[str, Any] | None:
     """The tuned config nearest to this key, or None (the caller then uses its default).
+
+    ``seqlen``: the sequence length (decode: the cache length); ``batch``: the batch, needed
+    (only) for ``pass_="decode"``.
 
     ``compute_capability`` (``(major, minor)``) lets a device without its own file use the file
     of the nearest device of the same capability. ``validate(config)`` returns why the caller
@@ -333,8 +374,8 @@ def lookup_config(
         if warn_default:
             warn_once(f"sbbench: no tuned {backend} configs for {device_name}; using defaults")
         return None
-    key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current)
-    found = _nearest_entry(tuned, key, seqlen, validate)
+    key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current, batch)
+    found = _nearest_entry(tuned, key, seqlen, validate, batch)
     if found is None:
         if warn_default:
             ac = " attend_current" if attend_current else ""
@@ -361,16 +402,17 @@ def same_architecture_configs(
     gqa_group: int,
     attend_current: bool,
     seqlen: int,
+    batch: int | None = None,
     search_path: Iterable[Path] | None = None,
     validate: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> list[tuple[dict[str, Any], Path]]:
     """The nearest-bucket config of this key from every file of the same compute capability
     other than the device's own, nearest device first, each with its file; empty when none
     (a tuner's warm start: configs that won on a sibling GPU are worth trying first)."""
-    key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current)
+    key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current, batch)
     found = []
     for tuned in same_architecture_files(device_name, backend, compute_capability, search_path):
-        config = _nearest_entry(tuned, key, seqlen, validate)
+        config = _nearest_entry(tuned, key, seqlen, validate, batch)
         if config is not None:
             found.append((config, tuned.path))
     return found

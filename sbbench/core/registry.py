@@ -138,7 +138,8 @@ class Backend:
     decode_config_space: tuple[Param, ...] = ()
     decode_default_config: Mapping[str, Any] = field(default_factory=dict)
     decode_skipped_fraction: Callable[..., float] | None = None
-    # Optional hook filling decode configs from tuned files (keys: batch, cache-length bucket).
+    # Optional hook filling decode configs from tuned files (keys: batch, cache-length bucket;
+    # see sbbench.core.tuned.decode_tuned_config_hook).
     decode_tuned_config: Callable[[AttnProblem], Mapping[str, Any]] | None = None
 
     def unavailable_reason(self) -> str | None:
@@ -178,7 +179,10 @@ class Backend:
         return self.unsupported_reason(problem)
 
     def params(self, pass_: Pass | None = None) -> tuple[Param, ...]:
-        """The config space, or the part of it that governs one pass."""
+        """The config space, or the part of it that governs one pass (``decode``: the decode
+        entry point's own space)."""
+        if pass_ == "decode":
+            return self.decode_config_space
         return tuple(p for p in self.config_space if pass_ is None or p.pass_ == pass_)
 
     def resolve_config(
@@ -205,7 +209,7 @@ class Backend:
         known = {p.name for p in self.decode_config_space} | set(self.decode_default_config)
         self._check_config_keys(config, known)
         merged = dict(self.decode_default_config)
-        if problem is not None and self.decode_tuned_config is not None:
+        if problem is not None and self.decode_tuned_config is not None and (config is None or set(config) != known):
             merged.update(self.decode_tuned_config(problem))
         return {**merged, **(config or {})}
 

@@ -139,7 +139,8 @@ _TunePass = TypedDict("_TunePass", {"pass": str})
 
 
 class TuneRow(ResultRow, _TunePass):
-    """A row of ``sbbench tune`` (one trial; ``pass`` is the pass tuned, ``fwd`` or ``bwd``)."""
+    """A row of ``sbbench tune`` (one trial; ``pass`` is the pass tuned, ``fwd``, ``bwd`` or
+    ``decode``; decode rows have ``seqlen`` the cache length, as decode-bench rows)."""
 
     study: str
     sampler: str  # tpe or grid
@@ -157,6 +158,9 @@ class TuneRow(ResultRow, _TunePass):
     finished_after_s: float | None  # since the tuner started
     seqlen_bucket: int
     gqa_group: int
+    batch_bucket: int | None  # decode keys only
+    new_tokens: int | None  # decode: queries per sequence
+    kv_tbps: float | None  # decode: K/V bytes the queries must read / latency
     datetime_start: str | None
 
 

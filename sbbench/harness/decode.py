@@ -36,7 +36,7 @@ from sbbench.harness.cases import check_case_fields, dtype_from_name
 from sbbench.harness.check import _contract_violation, _why, budget_metrics, poisoned_outputs, skip_bound
 from sbbench.harness.inputs import PEAKED_LOGIT_STD, REGIMES, _dense_qk, _plant_beacons, ragged_lengths
 from sbbench.harness.runner import failure, implementation_of, release_memory, resolve_backend, resolve_device
-from sbbench.harness.timing import Timing, time_cpu, time_cuda_with_setup, time_fn
+from sbbench.harness.timing import Timing, time_cpu, time_cuda_with_setup, time_fn, time_once
 from sbbench.kernels.reference import decode_rows
 
 MODE = "decode"
@@ -152,6 +152,16 @@ def _bound_decode(backend: Backend, inputs: Mapping[str, Any], problem: DecodePr
         return backend.decode(*args, config=resolved)
 
     return call, resolved
+
+
+def run_decode_once(backend: Backend | str, case: DecodeCase, inputs: Mapping[str, Any], *,
+                    config: Mapping[str, Any] | None = None) -> tuple:
+    """One call of the backend's decode on ``inputs`` (the tuner's compile workers build a
+    config's kernels this way); its (o, rem)."""
+    backend = resolve_backend(backend)
+    call, _ = _bound_decode(backend, inputs, decode_problem_of(inputs, case), config)
+    with torch.no_grad():
+        return call()
 
 
 def _shared_inputs(case: DecodeCase, regime: str, device: torch.device, seed: int | None):
@@ -312,19 +322,25 @@ def softmax_decoders(case: DecodeCase, inputs: Mapping[str, Any]) -> dict[str, t
 
 
 def _timed_row(name: str, implementation: str, call: Callable[[], Any], case: DecodeCase, regime: str,
-               device: torch.device, kv_bytes: int, **fields: Any) -> DecodeBenchRow:
+               device: torch.device, kv_bytes: int, prune_above_ms: float | None = None,
+               **fields: Any) -> DecodeBenchRow:
     row = _row(DecodeBenchRow, "bench", name, implementation, case, regime, device, **fields)
     try:
         with torch.no_grad():
             call()  # compiles, and a failing call fails here
-            timing = time_decode(call, device)
-        row.update(status="ok", latency_ms=timing.median_ms, latency_q20_ms=timing.q20_ms,
-                   latency_q80_ms=timing.q80_ms, timer=timing.timer,
-                   kv_tbps=kv_bytes / (timing.median_ms * 1e-3) / 1e12)
+            first_ms = None if prune_above_ms is None else time_once(call, device)
+            timing = None if first_ms is not None and first_ms > prune_above_ms else time_decode(call, device)
+        if timing is None:
+            row.update(status="pruned", latency_ms=first_ms, timer="one run after the warm-up",
+                       error=f"first timed run {first_ms:.4g} ms > {prune_above_ms:.4g} ms: not timed further")
+        else:
+            row.update(status="ok", latency_ms=timing.median_ms, latency_q20_ms=timing.q20_ms,
+                       latency_q80_ms=timing.q80_ms, timer=timing.timer,
+                       kv_tbps=kv_bytes / (timing.median_ms * 1e-3) / 1e12)
     except Exception as exc:
         row["status"], row["error"] = failure(exc)
     fault = release_memory(device)
-    if fault is not None and row["status"] == "ok":
+    if fault is not None and row["status"] in ("ok", "pruned"):
         row.update(status="error", error=f"CUDA fault after the run: {fault}")
     return row
 
@@ -332,9 +348,12 @@ def _timed_row(name: str, implementation: str, call: Callable[[], Any], case: De
 def measure_decode(
     backend: Backend | str, case: DecodeCase, regime: str, *, inputs: Mapping[str, Any],
     device: str | torch.device | None = None, config: Mapping[str, Any] | None = None,
+    prune_above_ms: float | None = None,
 ) -> DecodeBenchRow:
     """Time one backend's decode on ``inputs``: one row with latency, kv_tbps (achieved K/V
-    bandwidth, TB/s), skipped_fraction and the resolved config."""
+    bandwidth, TB/s), skipped_fraction and the resolved config. With ``prune_above_ms``, a
+    first run after the warm-up slower than that ends the timing there: status ``pruned``,
+    that run's time as the latency (how the tuner cuts configs that cannot win)."""
     backend = resolve_backend(backend)
     dev = resolve_device(device)
     kv_bytes = case.kv_bytes(inputs["lengths"])
@@ -344,7 +363,8 @@ def measure_decode(
         return _row(DecodeBenchRow, "bench", backend.name, implementation_of(backend), case, regime, dev, status="unsupported",
                     error=reason)
     call, resolved = _bound_decode(backend, inputs, problem, config)
-    row = _timed_row(backend.name, implementation_of(backend), call, case, regime, dev, kv_bytes, config=resolved)
+    row = _timed_row(backend.name, implementation_of(backend), call, case, regime, dev, kv_bytes, prune_above_ms,
+                     config=resolved)
     if row["status"] == "ok" and backend.decode_skipped_fraction is not None:
         with contextlib.suppress(Exception), torch.no_grad():
             row["skipped_fraction"] = backend.decode_skipped_fraction(
