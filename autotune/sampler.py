@@ -319,8 +319,8 @@ def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10, c
     if kind != "tpe":
         raise ArgumentError("kind", f"expected tpe or grid, got {kind!r}")
     with warnings.catch_warnings():
-        # Optuna 5 prefers Trial.set_constraint, but optuna>=4.0 is supported and the
-        # constraints_func route (value kept in user_attrs) reads the same in both.
+        # Optuna 5 prefers Trial.set_constraint and warns about constraints_func; the value kept in
+        # user_attrs is what export and the summaries read too, so it stays the one place.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         tpe = optuna.samplers.TPESampler(
