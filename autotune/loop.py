@@ -97,7 +97,8 @@ class StudyRun:
     def __init__(self, study: optuna.Study, plan: Plan, backend: Backend, settings: TuneSettings,
                  workers: Sequence[Worker], budget: int, deadline: float | None, stop: threading.Event,
                  reporter: Reporter, run_id: str, env: Mapping[str, Any], cells: sampling.Cells,
-                 compile_pool: CompilePool | None = None, unlaunchable: UnlaunchableConfigs | None = None) -> None:
+                 compile_pool: CompilePool | None = None, unlaunchable: UnlaunchableConfigs | None = None,
+                 lookahead: int | None = None) -> None:
         self.study, self.plan, self.backend, self.settings = study, plan, backend, settings
         self.workers, self.budget, self.deadline, self.stop = workers, budget, deadline, stop
         self.reporter, self.run_id, self.env, self.cells = reporter, run_id, env, cells
@@ -111,7 +112,9 @@ class StudyRun:
         self.started_at = time.monotonic()
         self.host = socket.gethostname()
         self.dists = sampling.distributions(plan.space)
-        self.lookahead = len(compile_pool) if compile_pool is not None else 0
+        # Configs asked ahead of the GPU (see plan.search_pace); at most one per compile worker.
+        compilers = len(compile_pool) if compile_pool is not None else 0
+        self.lookahead = compilers if lookahead is None else min(lookahead, compilers)
 
     # -- threads ---------------------------------------------------------------------------
 

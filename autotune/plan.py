@@ -316,6 +316,18 @@ def _warm_configs(plan: Plan, found: Sequence[WarmStart]) -> list[WarmStart]:
     return kept
 
 
+def search_pace(cells: int, startup_trials: int, compile_workers: int) -> tuple[int, int]:
+    """(random start-up trials, configs asked ahead of the GPU) for a space of ``cells`` configs.
+
+    Both delay the search's feedback: start-up trials are drawn blind, and a config asked ahead
+    is chosen before the results of the ones in flight. In a space of tens of thousands of
+    configs neither matters; in a small one (a restricted space of a few dozen) ten blind draws
+    and eight in flight would spend a fifth of the space before the model or the local moves
+    see a result. So both shrink with the space: a tenth of it for the start-up (at least 2), a
+    twelfth for the look-ahead (at least 1)."""
+    return min(startup_trials, max(2, cells // 10)), min(compile_workers, max(1, cells // 12))
+
+
 def budget_shares(plans: Sequence[Plan], remaining_s: float) -> list[float]:
     """Seconds for each study still to run, in proportion to its pass's weight, out of what is
     left of the run's budget. Recomputed as each study starts, so time a study did not use

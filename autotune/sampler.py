@@ -225,9 +225,9 @@ class DedupSampler(BaseSampler):
     jointly through ``sample_relative`` over the whole space (it is known up front), so a
     complete proposal can be checked against the study before the trial starts.
 
-    With a model, once ``local_after`` trials have finished every other proposal is a local
-    move instead: the best config so far with one parameter (else two) moved to a neighbouring
-    choice. Launch parameters interact little beyond their neighbours, so refining the
+    With a model, from trial number ``local_after`` on, every other proposal is a local move
+    instead: the best checked config so far with one parameter (else two) moved to a neighbouring
+    choice (TPE's proposal when nothing has been checked yet). Launch parameters interact little beyond their neighbours, so refining the
     incumbent finds in a few trials what TPE's density model, spread over a space of tens of
     thousands of configs, takes many to find.
     """
@@ -270,8 +270,9 @@ class DedupSampler(BaseSampler):
         trials = study.get_trials(deepcopy=False)
         taken = taken_keys(self._space, trials, exclude_number=trial.number)
         if self._inner is not None:
-            finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
-            if self._local_after is not None and finished >= self._local_after and trial.number % 2 == 0:
+            # Counted in trials asked, not finished: with configs compiled ahead, results arrive
+            # several trials late, and waiting for them would postpone every local move.
+            if self._local_after is not None and trial.number >= self._local_after and trial.number % 2 == 0:
                 move = self._local_move(trials, taken)
                 if move is not None:
                     return move
@@ -312,7 +313,7 @@ class DedupSampler(BaseSampler):
 
 def make_sampler(kind: str, space: Space, seed: int, startup_trials: int = 10, cells: Cells | None = None) -> DedupSampler:
     """``tpe``: multivariate TPE that treats trials outside the numerics budget as infeasible,
-    alternating with local moves around the best config once ``startup_trials`` have finished;
+    alternating with local moves around the best config from trial ``startup_trials`` on;
     ``grid``: every cell once, in random order. Both propose only ``cells`` (default: all)."""
     if kind == "grid":
         return DedupSampler(space, None, seed=seed, cells=cells)

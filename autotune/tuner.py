@@ -50,6 +50,7 @@ from sbbench.autotune.plan import (
     plan_studies,
     problem_for,
     restrict_space,
+    search_pace,
 )
 from sbbench.autotune.store import TuneKey, open_storage
 from sbbench.autotune.studies import enqueue_start, open_study, reap_stale_trials, resolve_study, study_exists
@@ -288,7 +289,8 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
     resumed_trials = len(optuna.load_study(study_name=plan.study_name, storage=storage).trials) \
         if study_exists(storage, plan.study_name) else 0
     seed = settings.seed + zlib.crc32(plan.study_name.encode()) % 100_003 + resumed_trials
-    sampler = sampling.make_sampler(plan.sampler, plan.space, seed, settings.startup_trials, cells)
+    startup, lookahead = search_pace(cells.size, settings.startup_trials, len(pool) if pool is not None else 0)
+    sampler = sampling.make_sampler(plan.sampler, plan.space, seed, startup, cells)
     study = open_study(storage, plan, settings, env, sampler)
     study.set_user_attr("admissible_cells", cells.size)
     reaped = reap_stale_trials(study, settings.stale_after, socket.gethostname())
@@ -310,7 +312,7 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
                   and not sampling.is_interrupted(t))
     reporter.start_study(plan, min(trial_budget, cells.untried(trials) + 1), resumed, budget_s)
     runner = StudyRun(study, plan, backend, settings, timing, trial_budget, study_deadline, stop, reporter, run_id,
-                      env, cells, pool, unlaunchable)
+                      env, cells, pool, unlaunchable, lookahead)
     try:
         runner.run()
     finally:

@@ -213,3 +213,15 @@ def test_tpe_alternates_with_local_moves_around_the_best_config(tmp_path):
             inc = min(earlier, key=lambda u: u.value).params
             steps = sorted(abs(t.params[n] - inc[n]) for n in space)
             assert steps in ([0, 1], [1, 1]), (t.number, t.params, inc)
+
+
+@pytest.mark.parametrize("cells,startup,workers,expected", [
+    (66_000, 10, 8, (10, 8)),  # a whole pass's space: the settings as given
+    (48, 10, 8, (4, 4)),       # a restricted space: a tenth blind, a twelfth in flight
+    (12, 10, 8, (2, 1)),
+    (5, 10, 0, (2, 0)),        # no compile workers: nothing asked ahead
+])
+def test_search_pace_shrinks_with_the_space(cells, startup, workers, expected):
+    from sbbench.autotune.plan import search_pace
+
+    assert search_pace(cells, startup, workers) == expected

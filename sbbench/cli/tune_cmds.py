@@ -287,7 +287,8 @@ def tune_command(
         "--check-seqlen", help="Longest sequence the numerics check runs at (its float64 oracle is O(T^2)).")] = 1024,
     seed: Annotated[int, typer.Option("--seed", help="Sampler seed (offset by each study's trial count).")] = 0,
     startup_trials: Annotated[int, typer.Option(
-        "--startup-trials", help="TPE: random (untried) configs before the model takes over.")] = 10,
+        "--startup-trials", help="TPE: random (untried) configs before the model and the local moves "
+        "take over; a small space gets fewer (a tenth of its configs, at least 2).")] = 10,
     space: Annotated[Optional[list[str]], typer.Option(
         "--space", help="Restrict a parameter to some of its choices, NAME=V1,V2 (repeatable); the default "
         "value always stays in. A restricted space is a study of its own: use the same --space for the "
