@@ -141,11 +141,13 @@ def test_tune_history_lists_are_expanded(tmp_path):
     assert len(written.plots) == 1 and written.plots[0].name.startswith("tune_")
 
 
-def test_default_out_is_reports_device_folder(tmp_path, results, monkeypatch):
+def test_default_out_is_the_device_report_folder(tmp_path, results, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["report", str(results[0])])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "reports" / "NVIDIA_H100_80GB_HBM3" / "README.md").is_file()
+    # In its own folder: the device's narrative README beside it is never overwritten.
+    assert (tmp_path / "reports" / "NVIDIA_H100_80GB_HBM3" / "report" / "README.md").is_file()
+    assert not (tmp_path / "reports" / "NVIDIA_H100_80GB_HBM3" / "README.md").exists()
 
 
 def test_rewrite_replaces_own_plots_and_keeps_other_files(tmp_path, results):

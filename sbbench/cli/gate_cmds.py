@@ -92,7 +92,7 @@ def gate(
 def report(
     results: List[Path] = typer.Argument(..., help="Results JSON files (bench, check and tune rows of one device).", show_default=False),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Report folder; default reports/<device>/ (device name, spaces as underscores).",
+        None, "--out", help="Report folder; default reports/<device>/report/ (device name, spaces as underscores).",
         show_default=False,
     ),
 ) -> None:

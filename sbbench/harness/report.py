@@ -1,7 +1,7 @@
 """The report a person reads: markdown tables and PNG plots from results files of one device.
 
 ``write_report`` reads bench, check and tune rows (the schema of :mod:`sbbench.core.results`)
-and writes into one folder (``reports/<device>/`` by default):
+and writes into one folder (``reports/<device>/report/`` by default, beside the device's own README):
 
 * ``README.md``: header (device, versions, commit, the commands and files that produced the rows),
   a speed summary per mode, regime and backend, then per (mode, regime, head dim, dtype) group a
@@ -541,7 +541,7 @@ def write_report(paths: Sequence[str | os.PathLike], out: str | os.PathLike | No
     """Read the results files and write the report folder (see the module docstring)."""
     rows, sources = load_results(paths)
     device = _device(rows)
-    out = Path(out) if out is not None else Path("reports") / device_file_stem(device)
+    out = Path(out) if out is not None else Path("reports") / device_file_stem(device) / "report"
     _prepare_out(out)
     staging = Path(tempfile.mkdtemp(prefix=".report.tmp", dir=out))
     try:
