@@ -157,17 +157,8 @@ class Cells:
         return None
 
 
-def untried_count(space: Space, trials: Iterable[FrozenTrial]) -> int:
-    return Cells(space).untried(trials)
-
-
 def _in_space(space: Space, key: ParamsKey) -> bool:
     return all(v in space[name] for name, v in zip(sorted(space), key))
-
-
-def random_untried(space: Space, taken: set[ParamsKey], rng: random.Random) -> dict[str, Any] | None:
-    """A uniformly random cell of ``space`` not in ``taken``, or None when every cell is taken."""
-    return Cells(space).random_untried(taken, rng)
 
 
 def constraint_of(trial: FrozenTrial) -> Sequence[float]:
@@ -189,10 +180,6 @@ def best_checked_latency(trials: Iterable[FrozenTrial]) -> float | None:
     values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None
               and is_feasible(t) and not is_unchecked(t)]
     return min(values) if values else None
-
-
-def is_pruned(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.PRUNED
 
 
 def is_unchecked(trial: FrozenTrial) -> bool:

@@ -185,16 +185,13 @@ def _sibling_lookup(backend: Backend, env: Mapping[str, Any]):
     capability = env.get("compute_capability")
     if not capability:
         return None
-    from sbbench.core import config_loader
-
-    finder = getattr(config_loader, "same_architecture_configs", None)
-    if finder is None:
-        return None
+    from sbbench.core.config_loader import same_architecture_configs
 
     def lookup(key: TuneKey, case: Case | DecodeCase) -> list[WarmStart]:
-        found = finder(key.device, backend.name, tuple(capability), pass_=key.pass_, dtype=key.dtype,
-                       head_dim=key.head_dim, gqa_group=key.gqa_group, attend_current=key.attend_current,
-                       seqlen=case.seqlen, batch=key.batch_bucket)
+        found = same_architecture_configs(
+            key.device, backend.name, tuple(capability), pass_=key.pass_, dtype=key.dtype, head_dim=key.head_dim,
+            gqa_group=key.gqa_group, attend_current=key.attend_current, seqlen=case.seqlen, batch=key.batch_bucket,
+        )
         return [WarmStart(dict(config), str(path)) for config, path in found]
 
     return lookup

@@ -18,7 +18,7 @@ if not os.path.exists(sass._tool("ptxas")) or not os.path.exists(sass._tool("nvd
 
 @pytest.fixture(scope="module", params=[64, 128])
 def builds(request):
-    # A subprocess without TRITON_INTERPRET: this session's kernels are interpreted ones.
+    # A subprocess without TRITON_INTERPRET: the kernels of this test process are interpreted ones.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "sbbench.kernels.triton_sb.sass", "--json", "--head-dim",
                           str(request.param)], capture_output=True, text=True, env=env, timeout=300)

@@ -126,7 +126,7 @@ def parse_ints(value: Any, name: str) -> list[int]:
         else:
             out.append(_one_int(item, name))
     if not out:
-        raise ArgumentError(name, f"no value given")
+        raise ArgumentError(name, "no value given")
     return out
 
 
@@ -150,7 +150,7 @@ def parse_choices(value: Any, name: str, choices: Sequence[str]) -> list[str]:
         if item not in choices:
             raise ArgumentError(name, f"expected one of {', '.join(choices)} (or all), got {item!r}")
     if not items:
-        raise ArgumentError(name, f"no value given")
+        raise ArgumentError(name, "no value given")
     return list(dict.fromkeys(items))
 
 
