@@ -48,6 +48,7 @@ class StudySummary:
     trials_per_minute: float | None = None
     median_trial_s: float | None = None
     seconds_to_near_best: float | None = None
+    prepare_s: float | None = None
     note: str = ""
 
     @property
@@ -102,7 +103,8 @@ def seconds_to_near_best(trials: Sequence[FrozenTrial], best_ms: float | None) -
 
 
 def summarize_study(study: optuna.Study, plan: Plan, run_numbers: Sequence[int], cells: sampling.Cells,
-              budget_s: float | None = None, used_s: float | None = None) -> StudySummary:
+              budget_s: float | None = None, used_s: float | None = None,
+              prepare_s: float | None = None) -> StudySummary:
     """The numbers of the summary table for one study."""
     trials = real_trials(study.get_trials(deepcopy=False))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -134,6 +136,7 @@ def summarize_study(study: optuna.Study, plan: Plan, run_numbers: Sequence[int],
         trials_per_minute=len(this_run) / (used_s / 60.0) if used_s else None,
         median_trial_s=statistics.median(seconds) if seconds else None,
         seconds_to_near_best=seconds_to_near_best(this_run, best.value if best else None),
+        prepare_s=prepare_s,
     )
 
 

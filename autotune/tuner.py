@@ -313,7 +313,8 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
     try:
         runner.run()
     finally:
-        summary = summarize_study(study, plan, runner.numbers, cells, budget_s, time.monotonic() - begun)
+        summary = summarize_study(study, plan, runner.numbers, cells, budget_s, time.monotonic() - begun,
+                                  runner.prepare_seconds)
         if runner.exhausted:
             summary.note = "space exhausted"
         elif study_deadline is not None and time.monotonic() >= study_deadline:

@@ -74,3 +74,26 @@ def test_cli_decode_check_and_bad_flag(tmp_path):
     assert out.exists() and "0 failed" in result.output
     bad = runner.invoke(app, ["decode-bench", "--cache-len", "4k"])
     assert bad.exit_code == 2 and "--cache-len" in bad.output
+
+
+def test_decode_check_reuses_the_references_of_a_fixed_seed(monkeypatch):
+    import sbbench.harness.decode as decode
+
+    calls = []
+    real = decode.decode_rows
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("compute_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_rows", counting)
+    oracles = {}
+    first = decode.check_decode_case("reference", SMALL, "randn", seed=4, oracles=oracles)
+    assert calls == [torch.float64, torch.float32] and len(oracles) == 1
+    again = decode.check_decode_case("reference", SMALL, "randn", seed=4, oracles=oracles)
+    assert len(calls) == 2  # the same inputs: nothing recomputed
+    assert [(r["tensor"], r["err_max"]) for r in again] == [(r["tensor"], r["err_max"]) for r in first]
+    # Inputs the caller made may differ from what the seed makes: no reuse then.
+    inputs = make_decode_inputs(SMALL, "randn", device="cpu", seed=4)
+    decode.check_decode_case("reference", SMALL, "randn", seed=4, inputs=inputs, oracles=oracles)
+    assert len(calls) == 4

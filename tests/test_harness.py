@@ -97,6 +97,31 @@ def test_check_budget_is_the_flash_attention_rule():
         assert r["seed"] == 3 and r["status"] == "ok"
 
 
+def test_check_reuses_the_references_of_a_fixed_seed(monkeypatch):
+    import sbbench.harness.check as check
+
+    calls = []
+    real = check._oracle
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(check, "_oracle", counting)
+    case, oracles = Case(1, 2, 1, 40, 8, "float32"), {}
+    first = check_case("chunked", case, "mixed", fa2=False, seed=5, oracles=oracles)
+    assert calls == [torch.float64, torch.float32] and len(oracles) == 1
+    again = check_case("chunked", case, "mixed", fa2=False, seed=5, oracles=oracles)
+    assert len(calls) == 2  # the same inputs: nothing recomputed
+    assert [(r["tensor"], r["err_max"], r["budget"]) for r in again] == \
+        [(r["tensor"], r["err_max"], r["budget"]) for r in first]
+    check_case("chunked", case, "mixed", fa2=False, seed=6, oracles=oracles)
+    assert len(calls) == 4 and len(oracles) == 2  # other inputs: their own references
+    # Without the cache every call computes its references.
+    check_case("chunked", case, "mixed", fa2=False, seed=5)
+    assert len(calls) == 6
+
+
 def test_check_reports_fa2_unavailable_with_reason_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("the CPU-only behaviour; on a GPU fa2 runs")

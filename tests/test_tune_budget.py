@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from sbbench.core import registry
 
 # env and test_backends are fixtures: imported here so that pytest finds them.
-from tune_helpers import FLAKY, PLUGIN, PRUNE, STEADY, _real, _study_names, _trials, env, test_backends  # noqa: F401
+from tune_helpers import FIRST_CALL_S, FLAKY, PLUGIN, PRUNE, SLOW_START, STEADY, _real, _study_names, _trials, env, test_backends  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +57,22 @@ def test_a_config_ten_times_slower_is_cut_after_one_timed_run(env, test_backends
     oor = next(t for t in _trials(f"sqlite:///{env / 'tune.db'}", other) if t.params.get("variant") == "oor")
     assert oor.user_attrs["status"] == "unlaunchable" and "worker" not in oor.user_attrs
     assert again.summaries[0].failed == 1
+
+
+def test_a_studys_set_up_is_timed_apart_from_its_trials(env, test_backends):
+    from sbbench.autotune.summary import trial_seconds
+    from sbbench.autotune.tuner import run_tuning
+
+    storage = f"sqlite:///{env / 'tune.db'}"
+    (summary,) = run_tuning(_prune_settings(env, backend=SLOW_START)).summaries
+    (name,) = _study_names(storage)
+    trials = _real(_trials(storage, name))
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    # The process's slow first call happened in the set-up, not in the default's trial, and the
+    # set-up's time is in the study's time used.
+    assert summary.prepare_s >= FIRST_CALL_S
+    assert all(trial_seconds(t) < FIRST_CALL_S for t in trials)
+    assert summary.used_s >= summary.prepare_s + sum(trial_seconds(t) for t in trials) - 0.05
 
 
 def Case_(seqlen):

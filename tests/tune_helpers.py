@@ -25,14 +25,21 @@ PLUGIN = "tune_helpers:register_test_backends"
 # Sleeps make the test backends' speed known in advance: CPU timings of a tiny input are noise,
 # a 5 ms sleep against a 15 ms one is not. "wrong" is the fastest, so a tuner that ignored the
 # numerics budget would pick it.
-SLEEP_S = {"good": 0.015, "fast": 0.005, "wrong": 0.0, "slow": 0.15}
+SLEEP_S = {"good": 0.015, "fast": 0.005, "wrong": 0.0, "slow": 0.15, "first-slow": 0.015}
 PRUNE = "tune_test_prune"
+# Its first call in a process takes FIRST_CALL_S longer, like a GPU process's first launches.
+SLOW_START = "tune_test_slow_start"
+FIRST_CALL_S = 1.0
+_called_before: set[str] = set()
 
 
 def _test_backend_fn(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max_seqlen=None, config=None):
     from sbbench.kernels.reference import dense_naive
 
     variant = (config or {}).get("variant", "good")
+    if variant == "first-slow" and variant not in _called_before:
+        _called_before.add(variant)
+        time.sleep(FIRST_CALL_S)
     if variant == "raise":
         raise RuntimeError("deliberate failure of this config")
     if variant == "exit":
@@ -54,6 +61,7 @@ def register_test_backends() -> None:
         FLAKY: ("good", "fast", "wrong", "raise", "exit", "hang"),
         STEADY: ("good", "fast", "wrong"),
         PRUNE: ("good", "slow", "oor", "fast"),
+        SLOW_START: ("first-slow", "fast"),
     }
     for name, variants in spaces.items():
         if name in registry._REGISTRY:
@@ -63,7 +71,7 @@ def register_test_backends() -> None:
             description="test-only backend of tests/tune_helpers.py",
             devices=("cpu",),
             config_space=(Param("variant", variants, "fwd"),),
-            default_config={"variant": "good"},
+            default_config={"variant": variants[0]},
         )(_test_backend_fn)
 
 
@@ -74,7 +82,7 @@ def test_backends(monkeypatch):
     register_test_backends()
     yield
     # Other test modules iterate over every registered backend: leave no test backend behind.
-    for name in (FLAKY, STEADY, PRUNE):
+    for name in (FLAKY, STEADY, PRUNE, SLOW_START):
         registry._REGISTRY.pop(name, None)
 
 

@@ -179,13 +179,13 @@ def summary_table(summaries: list[Any]) -> str:
             best += f" (from {s.best_source.rsplit('/', 2)[-2]})" if "/" in s.best_source else f" (from {s.best_source})"
         rows.append([
             s.key.label(), s.sampler, best, default_ms, _fmt_ms(s.best_latency_ms), speed,
-            f"{_fmt_s(s.used_s)}/{_fmt_s(s.budget_s)}", f"{s.trials_this_run}/{s.trials_total}",
+            f"{_fmt_s(s.used_s)}/{_fmt_s(s.budget_s)}", _fmt_s(s.prepare_s), f"{s.trials_this_run}/{s.trials_total}",
             "-" if s.trials_per_minute is None else f"{s.trials_per_minute:.1f}", _fmt_s(s.median_trial_s),
             _fmt_s(s.seconds_to_near_best), f"{s.pruned}/{s.failed}/{s.infeasible}/{s.unchecked}",
             f"{s.untried}/{s.space_size}",
         ])
     return tabulate(rows, headers=["key", "sampler", "best config (changes from default)", "default ms", "best ms",
-                                   "speedup", "s used/given", "trials run/total", "trials/min", "median trial s",
+                                   "speedup", "s used/given", "set-up s", "trials run/total", "trials/min", "median trial s",
                                    "s to within 2%", "pruned/failed/infeasible/unchecked", "untried/space"],
                     disable_numparse=True)
 

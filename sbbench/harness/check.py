@@ -31,7 +31,7 @@ import contextlib
 import math
 import random
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 
@@ -145,6 +145,18 @@ def _run(
     return {name: (x.detach() if x is not None else None) for name, x in found.items()}
 
 
+def _references(oracles: MutableMapping[Any, Any] | None, key: tuple, oracle: Callable[[torch.dtype], Any],
+                dtype: torch.dtype) -> tuple[Any, Any]:
+    """(float64 oracle, reference in ``dtype``), from ``oracles`` when it holds ``key``."""
+    if oracles is not None and key in oracles:
+        return oracles[key]
+    ref64 = oracle(torch.float64)
+    found = (ref64, ref64 if dtype == torch.float64 else oracle(dtype))
+    if oracles is not None:
+        oracles[key] = found
+    return found
+
+
 def _upcast(xs: Iterable[torch.Tensor], dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
     return [x.detach().to(dtype).requires_grad_(grad) for x in xs]
 
@@ -239,6 +251,7 @@ def check_case(
     fa2: bool = True,
     seed: int | None = None,
     grads: bool = True,
+    oracles: MutableMapping[Any, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Check one backend on fresh random inputs of ``case`` in ``regime``: one row per tensor.
 
@@ -251,6 +264,10 @@ def check_case(
         seed: seed of the inputs (a fresh random one when None; recorded in the rows, so a
             failure can be replayed).
         grads: also check dq, dk, dv (the backend must be differentiable).
+        oracles: a dict the caller keeps between calls; with a fixed ``seed`` the references
+            (float64 and the case's dtype) of one (case, regime, seed) are computed once and
+            reused, since they depend on the inputs alone. The tuner checks many configs of one
+            study this way.
 
     Returns:
         Rows with ``tensor`` in o, rem (stick-breaking only), dq, dk, dv, and err_max,
@@ -312,8 +329,8 @@ def check_case(
         return [row(name, config=resolved, status=status, error=message, passed=False) for name in names]
 
     try:
-        ref64 = oracle(torch.float64)
-        pt = ref64 if case.torch_dtype == torch.float64 else oracle(case.torch_dtype)
+        ref64, pt = _references(oracles, (backend.kind, case, regime, seed, str(dev), with_grads), oracle,
+                                case.torch_dtype)
     except Exception as exc:  # the oracle itself ran out of memory: the case is too large to check
         status, message = failure(exc)
         release_memory(dev)

@@ -25,7 +25,7 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from sbbench.core.decode_problem import DecodeProblem, validate_decode
 from sbbench.core.registry import Backend
 from sbbench.core.results import DecodeBenchRow, DecodeCheckRow, RowT, environment, new_row
 from sbbench.harness.cases import check_case_fields, dtype_from_name
-from sbbench.harness.check import _contract_violation, _why, budget_metrics, poisoned_outputs, skip_bound
+from sbbench.harness.check import _contract_violation, _references, _why, budget_metrics, poisoned_outputs, skip_bound
 from sbbench.harness.inputs import PEAKED_LOGIT_STD, REGIMES, _dense_qk, _plant_beacons, ragged_lengths
 from sbbench.harness.runner import failure, implementation_of, release_memory, resolve_backend, resolve_device
 from sbbench.harness.timing import Timing, time_cpu, time_cuda_with_setup, time_fn, time_once
@@ -181,10 +181,14 @@ def _shared_inputs(case: DecodeCase, regime: str, device: torch.device, seed: in
 def check_decode_case(
     backend: Backend | str, case: DecodeCase, regime: str, *, device: str | torch.device | None = None,
     config: Mapping[str, Any] | None = None, seed: int | None = None, inputs: Mapping[str, Any] | None = None,
+    oracles: MutableMapping[Any, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Check one backend's decode on fresh inputs: rows for o and rem (``tensor``), with err_max,
     err_rel_fro, err_pt, budget (2 err_pt + atol_floor), passed; never raises because the
-    backend failed (status ``error``/``oom``), and one ``unsupported`` row when it cannot run."""
+    backend failed (status ``error``/``oom``), and one ``unsupported`` row when it cannot run.
+
+    ``oracles``: a dict kept by the caller; when the inputs are made here from a fixed ``seed``,
+    the references of one (case, regime, seed) are computed once and reused."""
     backend = resolve_backend(backend)
     dev = resolve_device(device)
     seed = random.getrandbits(62) if seed is None else int(seed)
@@ -193,6 +197,7 @@ def check_decode_case(
         return _row(DecodeCheckRow, "check", backend.name, implementation_of(backend), case, regime, dev,
                     tensor=tensor, seed=seed, **fields)
 
+    made_here = inputs is None
     try:
         if inputs is None:
             inputs = make_decode_inputs(case, regime, device=dev, seed=seed)
@@ -214,9 +219,13 @@ def check_decode_case(
         return [row(name, config=resolved, status=status, error=message, passed=False) for name in ("o", "rem")]
     args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], problem.inv_temp,
             case.attend_current)
-    with torch.no_grad():
-        ref64 = dict(zip(("o", "rem"), decode_rows(*args, compute_dtype=torch.float64)))
-        low = ref64 if case.torch_dtype == torch.float64 else dict(zip(("o", "rem"), decode_rows(*args)))
+    key = (case, regime, seed, str(dev)) if made_here else None
+
+    def oracle(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return dict(zip(("o", "rem"), decode_rows(*args, compute_dtype=dtype)))
+
+    ref64, low = _references(oracles if made_here else None, key, oracle, case.torch_dtype)
     rows = []
     for name in ("o", "rem"):
         x, ref = got[name], ref64[name]
