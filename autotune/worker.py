@@ -249,19 +249,24 @@ def _constraint(rows: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
     return float(min(worst, 1e6)), worst_text
 
 
+def _run_pass_once(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> None:
+    """One untimed call of the task's pass with its config on the study's timing inputs."""
+    from sbbench.harness.bench import run_once
+    from sbbench.harness.decode import run_decode_once
+
+    inputs = _timing_inputs(task, device, cache)
+    if task["mode"] == "decode":
+        run_decode_once(task["backend"], _task_case(task), inputs, config=dict(task["config"]))
+    else:
+        run_once(task["backend"], _task_case(task), task["mode"], inputs, device=device, config=dict(task["config"]))
+
+
 def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> dict[str, Any]:
     """Build what one config of the pass needs, launching nothing (see _disable_kernel_launches)."""
     started = time.perf_counter()
     reply: dict[str, Any] = {"restart": False, "status": "ok"}
     try:
-        from sbbench.harness.bench import run_once
-        from sbbench.harness.decode import run_decode_once
-
-        inputs = _timing_inputs(task, device, cache)
-        if task["mode"] == "decode":
-            run_decode_once(task["backend"], _task_case(task), inputs, config=dict(task["config"]))
-        else:
-            run_once(task["backend"], _task_case(task), task["mode"], inputs, device=device, config=dict(task["config"]))
+        _run_pass_once(task, device, cache)
     except BaseException as exc:  # the timing worker meets the same failure and records it
         reply.update(status="error", error=f"{type(exc).__name__}: {exc}"[:4000])
         reply["restart"] = _context_poisoned(device, str(reply["error"]))
@@ -276,14 +281,7 @@ def _prepare_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -
     started = time.perf_counter()
     reply: dict[str, Any] = {"restart": False, "status": "ok"}
     try:
-        from sbbench.harness.bench import run_once
-        from sbbench.harness.decode import run_decode_once
-
-        inputs = _timing_inputs(task, device, cache)
-        if task["mode"] == "decode":
-            run_decode_once(task["backend"], _task_case(task), inputs, config=dict(task["config"]))
-        else:
-            run_once(task["backend"], _task_case(task), task["mode"], inputs, device=device, config=dict(task["config"]))
+        _run_pass_once(task, device, cache)
         if task.get("check_case"):
             for regime in task.get("check_regimes") or [task["regime"]]:
                 _check_rows(task, regime, device, cache)
