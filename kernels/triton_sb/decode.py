@@ -54,9 +54,11 @@ from sbbench.kernels.triton_sb.params import SKIP_OFF
 DECODE_FIELDS = (
     "num_splits", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "skip_log2", "skip_check_keys", "skip_checks",
 )
-# Rows of the merge kernel's tile: the merge reads splits x rows x D floats, a few percent of the
-# cache's bytes, so its tile only needs to be wide enough for full 16-byte loads.
+# The merge reads splits x rows x D floats, a few percent of the cache's bytes: its programs
+# hold one (splits, rows, D) tile of at most MERGE_TILE floats (64 registers a thread with 4
+# warps) and at most MERGE_ROWS rows.
 MERGE_ROWS = 16
+MERGE_TILE = 8192
 # Splits beyond this read so few keys each that the merge costs more than they gain.
 MAX_SPLITS = 64
 # Programs per SM that auto splitting aims to keep resident: a 64-key tile of bf16 K and V with
@@ -204,39 +206,50 @@ def sb_decode_merge_kernel(
     stride_rb, stride_rh, stride_rt,
     total_rows, num_heads, new_tokens, num_splits,
     HEAD_DIM: tl.constexpr, skip_threshold,
-    SKIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACCURATE: tl.constexpr,
+    SKIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_P2: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
-    """Splits merged nearest first, per row of the (B, H, Tq) row space. A row stops reading
-    splits once the stick of the nearer ones is below 2^skip_log2, exactly where the split
-    kernel may have stopped them."""
+    """Splits merged nearest first, per row of the (B, H, Tq) row space, all splits of a row at
+    once: split s is weighted by the stick the splits nearer than it left, a suffix sum of the
+    log2-sticks. A loop over splits would wait on each split's loads in turn (its mask depends
+    on the stick so far), one memory round trip per split. A row drops a split once the stick of
+    the nearer ones is below 2^skip_log2, exactly where the split kernel may have stopped it."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
     b = rows // (num_heads * new_tokens)
     head = (rows // new_tokens) % num_heads
     t = rows % new_tokens
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    stick = _zero_stick(BLOCK_R, ACCURATE)
-    for i in range(0, num_splits):
-        split = num_splits - 1 - i
-        use = row_ok
-        if SKIP:
-            use = use & (stick <= skip_threshold)
-        part = split.to(tl.int64) * total_rows + rows
-        lr = tl.load(LR_PART + part, mask=use, other=0.0)
-        o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=use[:, None] & d_ok, other=0.0)
-        acc += tl.exp2(-stick.to(tl.float32))[:, None] * o
-        stick += lr
+    splits = tl.arange(0, SPLITS_P2)
+    part = splits[:, None].to(tl.int64) * total_rows + rows[None, :]  # (splits, rows)
+    use = (splits[:, None] < num_splits) & row_ok[None, :]
+    lr = tl.load(LR_PART + part, mask=use, other=0.0)
+    if not ACCURATE:
+        lr = lr.to(tl.float32)
+    # Split num_splits - 1 is the nearest: what the nearer splits left is a reverse suffix sum.
+    nearer = tl.cumsum(lr, axis=0, reverse=True) - lr
+    if SKIP:
+        use = use & (nearer <= skip_threshold)
+    weight = tl.where(use, tl.exp2(-nearer.to(tl.float32)), 0.0)
+    o_mask = use[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
+    o = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=o_mask, other=0.0)
+    acc = tl.sum(weight[:, :, None] * o, axis=0)
+    stick = tl.sum(tl.where(use, lr, 0.0), axis=0)
     b64 = b.to(tl.int64)
     tl.store(
         O + b64[:, None] * stride_ob + head[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :],
-        acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok,
+        acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
     tl.store(
         REM + b64 * stride_rb + head * stride_rh + t * stride_rt,
         tl.exp2(-stick.to(tl.float32)).to(REM.dtype.element_ty), mask=row_ok,
     )
+
+
+def merge_rows(splits_p2: int, block_d: int) -> int:
+    """Rows per merge program: its (splits, rows, D) float32 tile stays within
+    ``MERGE_TILE`` elements (registers), and at most ``MERGE_ROWS`` rows."""
+    return max(1, min(MERGE_ROWS, MERGE_TILE // (splits_p2 * block_d)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +359,14 @@ def triton_sb_decode(
     )
     if split:
         total_rows = batch * heads * new_tokens
-        sb_decode_merge_kernel[(triton.cdiv(total_rows, MERGE_ROWS),)](
+        splits_p2, block_d = triton.next_power_of_2(splits), _block_d(head_dim)
+        block_r = merge_rows(splits_p2, block_d)
+        sb_decode_merge_kernel[(triton.cdiv(total_rows, block_r),)](
             o_part, lr_part, o, rem,
             o.stride(0), o.stride(1), o.stride(2),
             rem.stride(0), rem.stride(1), rem.stride(2),
             total_rows, heads, new_tokens, splits, head_dim, threshold,
-            SKIP=skip, BLOCK_R=MERGE_ROWS, BLOCK_D=_block_d(head_dim), ACCURATE=accurate, num_warps=4,
+            SKIP=skip, BLOCK_R=block_r, BLOCK_D=block_d, SPLITS_P2=splits_p2, ACCURATE=accurate, num_warps=4,
         )
     return o, rem, skipped
 
