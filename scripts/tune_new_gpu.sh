@@ -9,6 +9,9 @@
 #   tune_gqa      sbbench tune at D=128, H=32, H_kv=8 (GQA group 4), warm-started (tune_gqa.*)
 #   bench_tuned   forward and forward+backward with the configs exported by the tune stages,
 #                 beside FA2 and cuDNN in the same run (bench_tuned.json)
+#   bench_own     forward and forward+backward at D=64 (H=24) with only the configs exported by
+#                 tune stage $OWN (e.g. tune_d64_cold): the shipped config files must be hidden by
+#                 the caller (bench_${OWN}_d64.json)
 #   tpe_grid      TPE (no warm start) against the grid on a restricted backward space (tpe_grid.json)
 #
 # With two GPUs, run two of these at once, one per GPU (CUDA_VISIBLE_DEVICES), after installing once.
@@ -49,6 +52,11 @@ for stage in "$@"; do
         --seqlens ${SEQLENS:-4096,16384} --dtype bf16 --regime dense --json "$OUT/bench_tuned_d64.json" 2>&1 | tail -12
       sbbench bench --backends fa2,cudnn,triton --mode fwd,fwdbwd --batch 4 --heads 12 --head-dim 128 \
         --seqlens ${SEQLENS:-4096,16384} --dtype bf16 --regime dense --json "$OUT/bench_tuned_d128.json" 2>&1 | tail -12
+      ;;
+    bench_own)
+      SBBENCH_CONFIG_DIR="$OUT/configs_$OWN" sbbench bench --backends fa2,triton --mode fwd,fwdbwd --batch 4 \
+        --heads 24 --head-dim 64 --seqlens 4096,16384 --dtype bf16 --regime dense --json "$OUT/bench_${OWN}_d64.json" \
+        2>&1 | tail -10
       ;;
     tpe_grid)
       space=(--space bwd_BLOCK_M=64,128 --space bwd_BLOCK_N=32,64 --space bwd_num_stages=2,3 --space bwd_maxnreg=0,168
