@@ -282,13 +282,13 @@ class StudyRun:
             "regime": self.settings.regime,
             "config": self._config({} if trial is None else trial.params),
             "input_seed": self.settings.input_seed,
+            "check_case": asdict(self.plan.check_case) if self.plan.check_case else None,
         }
         if compile_only:
             return task
         best = sampling.best_checked_latency(self.study.get_trials(deepcopy=False))
         task.update(
             prepare=prepare,
-            check_case=asdict(self.plan.check_case) if self.plan.check_case else None,
             check_seed=self.settings.input_seed,
             check_regimes=list(dict.fromkeys([self.settings.regime, *CHECK_REGIMES])),
             measure_kwargs=dict(self.settings.measure_kwargs),

@@ -261,12 +261,38 @@ def _run_pass_once(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) 
         run_once(task["backend"], _task_case(task), task["mode"], inputs, device=device, config=dict(task["config"]))
 
 
+def _run_check_case_once(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> None:
+    """One untimed call of what the numerics check runs (forward and backward, or decode) on
+    the check case: its shape may specialise other kernels than the timing case's (Triton
+    specialises integer arguments equal to 1, such as a batch of one), and building them belongs
+    in the compile workers, not in a checked trial."""
+    from sbbench.harness.bench import run_once
+    from sbbench.harness.decode import make_decode_inputs, run_decode_once
+    from sbbench.harness.inputs import make_inputs
+
+    case = _task_case(task, "check_case")
+    key = ("check_inputs", tuple(sorted(task["check_case"].items())), task["mode"])
+    if key not in cache:
+        for old in [k for k in cache if k[0] == "check_inputs"]:
+            del cache[old]
+        if task["mode"] == "decode":
+            cache[key] = make_decode_inputs(case, task["regime"], device=device, seed=task["input_seed"])
+        else:
+            cache[key] = make_inputs(case, task["regime"], device=device, seed=task["input_seed"], requires_grad=True)
+    if task["mode"] == "decode":
+        run_decode_once(task["backend"], case, cache[key], config=dict(task["config"]))
+    else:
+        run_once(task["backend"], case, "fwdbwd", cache[key], device=device, config=dict(task["config"]))
+
+
 def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> dict[str, Any]:
     """Build what one config of the pass needs, launching nothing (see _disable_kernel_launches)."""
     started = time.perf_counter()
     reply: dict[str, Any] = {"restart": False, "status": "ok"}
     try:
         _run_pass_once(task, device, cache)
+        if task.get("check_case"):
+            _run_check_case_once(task, device, cache)
     except BaseException as exc:  # the timing worker meets the same failure and records it
         reply.update(status="error", error=f"{type(exc).__name__}: {exc}"[:4000])
         reply["restart"] = _context_poisoned(device, str(reply["error"]))

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from sbbench.core import registry
 
 # env and test_backends are fixtures: imported here so that pytest finds them.
-from tune_helpers import FIRST_CALL_S, FLAKY, PLUGIN, PRUNE, SLOW_START, STEADY, _real, _study_names, _trials, env, test_backends  # noqa: F401
+from tune_helpers import CALL_LOG_ENV, FIRST_CALL_S, FLAKY, PLUGIN, PRUNE, SLOW_START, STEADY, _real, _study_names, _trials, env, test_backends  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +161,18 @@ def test_compile_workers_build_each_config_before_it_is_timed(env):
     timed = _real(_trials(storage, name))
     assert len(timed) == 3 and result.summaries[0].trials_this_run == 3
     assert all(t.user_attrs.get("compile_seconds", 0) > 0 for t in timed)
+
+
+def test_compile_workers_also_build_the_check_cases_kernels(env, test_backends, monkeypatch):
+    from sbbench.autotune.tuner import run_tuning
+
+    log = env / "calls.log"
+    monkeypatch.setenv(CALL_LOG_ENV, str(log))
+    run_tuning(_prune_settings(env, cases=[Case_(64)], compile_workers=2))
+    calls = set(log.read_text().split("\n"))
+    # "slow" is pruned, so never checked: its call at the check case's length (32) can only have
+    # come from a compile worker, which builds what the check will run before any trial needs it.
+    assert {"slow 64", "slow 32"} <= calls
 
 
 def test_the_triton_launch_filter_rejects_configs_that_cannot_win():

@@ -31,12 +31,17 @@ PRUNE = "tune_test_prune"
 SLOW_START = "tune_test_slow_start"
 FIRST_CALL_S = 1.0
 _called_before: set[str] = set()
+# When set, every call of a test backend appends "<variant> <T>" to this file.
+CALL_LOG_ENV = "SBBENCH_TEST_CALL_LOG"
 
 
 def _test_backend_fn(q, k, v, inv_temp, attend_current, *, cu_seqlens=None, max_seqlen=None, config=None):
     from sbbench.kernels.reference import dense_naive
 
     variant = (config or {}).get("variant", "good")
+    if os.environ.get(CALL_LOG_ENV):
+        with open(os.environ[CALL_LOG_ENV], "a") as log:
+            log.write(f"{variant} {q.shape[2]}\n")
     if variant == "first-slow" and variant not in _called_before:
         _called_before.add(variant)
         time.sleep(FIRST_CALL_S)
