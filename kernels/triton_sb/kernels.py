@@ -26,7 +26,9 @@ The query-major dQ kernel walks each row's keys from the left, so P is a plain r
 stores per (row, dK/dV key block) of the causal blocks the two values a block cannot compute
 alone: P left of it and the log-stick right of it. The key-major dK/dV kernel then recomputes each
 block from those. Each output element is written by one program: no atomics on floats, so the
-backward is deterministic.
+backward is deterministic. Opt-in (``DQ_HERE=False``, ``ATOMIC_DQ=True``): the dQ kernel only
+makes those values, and the dK/dV kernel, which forms every dz anyway, adds dz @ k into a float32
+dQ with atomics, whose arrival order makes dQ's rounding vary from run to run.
 
 Block skipping: once every row of a query tile has ``carry > -skip_log2`` (rem < 2^skip_log2),
 the forward stops walking left. It checks after ``skip_check_keys`` keys, then after twice as many
