@@ -12,7 +12,10 @@
 #   bench_own     forward and forward+backward at D=64 (H=24) with only the configs exported by
 #                 tune stage $OWN (e.g. tune_d64_cold): the shipped config files must be hidden by
 #                 the caller (bench_${OWN}_d64.json)
-#   tpe_grid      TPE (no warm start) against the grid on a restricted backward space (tpe_grid.json)
+#   tune_decode   sbbench tune --pass decode, D=128, H=32, H_kv=8, batches 1/16/64, caches 32k and
+#                 128k (tune_decode.*), with its own MINUTES_DECODE budget (default 3)
+#   tpe_grid      TPE (no warm start, TPE_MINUTES, default 1) against the grid on a restricted
+#                 backward space of 192 configs (tpe_grid_*.json)
 #
 # With two GPUs, run two of these at once, one per GPU (CUDA_VISIBLE_DEVICES), after installing once.
 # MINUTES (default 4) is each tune stage's budget. Each tune stage has its own storage and export
@@ -58,13 +61,22 @@ for stage in "$@"; do
         --heads 24 --head-dim 64 --seqlens 4096,16384 --dtype bf16 --regime dense --json "$OUT/bench_${OWN}_d64.json" \
         2>&1 | tail -10
       ;;
+    tune_decode)
+      sbbench tune --backend triton --pass decode --batch 1,16,64 --heads 32 --kv-heads 8 --head-dim 128 \
+        --seqlens 32768,131072 --dtype bf16 --minutes "${MINUTES_DECODE:-3}" --storage "sqlite:///$OUT/tune_decode.db" \
+        --json "$OUT/tune_decode.json" --no-progress 2>&1 | tee "$OUT/tune_decode.log" | tail -10
+      sbbench export --storage "sqlite:///$OUT/tune_decode.db" --out "$OUT/configs_tune_decode" --min-speedup 1.02 \
+        2>&1 | tail -8
+      ;;
     tpe_grid)
       space=(--space bwd_BLOCK_M=64,128 --space bwd_BLOCK_N=32,64 --space bwd_num_stages=2,3 --space bwd_maxnreg=0,168
-             --space bwd_dkdv_BLOCK_M=32,64 --space bwd_dkdv_BLOCK_N=64 --space bwd_dkdv_num_stages=1,2
-             --space bwd_dkdv_num_warps=4 --space bwd_num_warps=4 --space bwd_dkdv_maxnreg=0)
+             --space bwd_dkdv_BLOCK_M=32,64 --space bwd_dkdv_BLOCK_N=64 --space bwd_dkdv_num_stages=1,2,3
+             --space bwd_dkdv_num_warps=4 --space bwd_num_warps=4 --space bwd_dkdv_maxnreg=0,168)
       for sampler in grid tpe; do
+        budget=()
+        [ $sampler = tpe ] && budget=(--minutes "${TPE_MINUTES:-1}")
         sbbench tune --backend triton --pass bwd --batch 4 --heads 24 --head-dim 64 --seqlens 16384 --dtype bf16 \
-          --sampler $sampler --no-warm-start "${space[@]}" --storage "sqlite:///$OUT/tpe_grid.db" \
+          --sampler $sampler --no-warm-start "${space[@]}" "${budget[@]}" --storage "sqlite:///$OUT/tpe_grid.db" \
           --json "$OUT/tpe_grid_$sampler.json" --no-progress 2>&1 | tee "$OUT/tpe_grid_$sampler.log" | tail -6
       done
       ;;
