@@ -118,3 +118,19 @@ def test_bf16_gpu_within_budget(tq, batch, capacity):
     v_cache = torch.randn(batch, kv_heads, capacity, head_dim, generator=gen, device="cuda").bfloat16()
     for attend_current in (False, True):
         assert_within_budget(q, k_cache, v_cache, lengths, attend_current, None)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_is_not_pruned_against_its_own_timing():
+    """The tuner cuts a config whose first timed run is over twice the best median: for decode
+    calls of tens of microseconds that first run must exclude the host's launch overhead, or
+    every config but the first is cut."""
+    from sbbench.harness.decode import DecodeCase, make_decode_inputs, measure_decode
+
+    case = DecodeCase(batch=1, heads=32, kv_heads=8, cache_len=32768, head_dim=128, dtype="bfloat16")
+    inputs = make_decode_inputs(case, "dense", device="cuda", seed=0)
+    full = measure_decode("triton", case, "dense", inputs=inputs, device="cuda")
+    assert full["status"] == "ok" and full["latency_ms"] < 0.2
+    again = measure_decode("triton", case, "dense", inputs=inputs, device="cuda",
+                           prune_above_ms=2 * full["latency_ms"])
+    assert again["status"] == "ok", again["error"]
