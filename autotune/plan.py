@@ -328,6 +328,30 @@ def search_pace(cells: int, startup_trials: int, compile_workers: int) -> tuple[
     return min(startup_trials, max(2, cells // 10)), min(compile_workers, max(1, cells // 12))
 
 
+# Share of the GPU's memory that copies of one study's timing inputs may take: the timing
+# worker's and one per config compiling ahead (each compile worker makes its own).
+INPUTS_MEMORY_SHARE = 0.6
+
+
+def timing_input_bytes(case: Case | DecodeCase, pass_: str) -> int:
+    """About what one worker allocates for a study's timing inputs: q, k, v (or the KV cache),
+    and for a backward the outputs and gradients of the same sizes."""
+    size = case.torch_dtype.itemsize * case.head_dim
+    if isinstance(case, DecodeCase):
+        return size * case.batch * (case.heads * case.new_tokens + 2 * case.kv_heads * case.capacity)
+    qkv = size * case.batch * case.seqlen * (case.heads + 2 * case.kv_heads)
+    return qkv * (1 if pass_ == "fwd" else 3)
+
+
+def compile_ahead_within_memory(lookahead: int, input_bytes: int, total_memory: int | None) -> int:
+    """``lookahead`` capped so that the timing worker's inputs and one copy per config compiling
+    ahead fit in ``INPUTS_MEMORY_SHARE`` of the GPU's memory (a decode study of 64 sequences of
+    128k tokens holds 34 GB of cache per copy)."""
+    if not total_memory or input_bytes <= 0:
+        return lookahead
+    return max(0, min(lookahead, int(INPUTS_MEMORY_SHARE * total_memory // input_bytes) - 1))
+
+
 def budget_shares(plans: Sequence[Plan], remaining_s: float) -> list[float]:
     """Seconds for each study still to run, in proportion to its pass's weight, out of what is
     left of the run's budget. Recomputed as each study starts, so time a study did not use

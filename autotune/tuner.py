@@ -47,10 +47,12 @@ from sbbench.autotune.plan import (
     TuneSettings,
     WarmStart,
     budget_shares,
+    compile_ahead_within_memory,
     plan_studies,
     problem_for,
     restrict_space,
     search_pace,
+    timing_input_bytes,
 )
 from sbbench.autotune.store import TuneKey, open_storage
 from sbbench.autotune.studies import enqueue_start, open_study, reap_stale_trials, resolve_study, study_exists
@@ -287,6 +289,8 @@ def _run_study(plan: Plan, backend: Backend, settings: TuneSettings, storage: An
         if study_exists(storage, plan.study_name) else 0
     seed = settings.seed + zlib.crc32(plan.study_name.encode()) % 100_003 + resumed_trials
     startup, lookahead = search_pace(cells.size, settings.startup_trials, len(pool) if pool is not None else 0)
+    lookahead = compile_ahead_within_memory(lookahead, timing_input_bytes(plan.case, plan.key.pass_),
+                                            limits.get("total_memory"))
     sampler = sampling.make_sampler(plan.sampler, plan.space, seed, startup, cells)
     study = open_study(storage, plan, settings, env, sampler)
     study.set_user_attr("admissible_cells", cells.size)

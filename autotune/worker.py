@@ -93,6 +93,10 @@ def _disable_kernel_launches() -> None:
     JITFunction.run = compile_only  # type: ignore[method-assign]
 
 
+# Compile workers drop a study's inputs after each config when they are larger than this.
+KEEP_COMPILE_INPUTS_BYTES = 1 << 30
+
+
 def _device_limits(device: str) -> dict[str, Any]:
     """What a backend's launch filter needs to know of the device before launching anything."""
     if not device.startswith("cuda"):
@@ -105,6 +109,7 @@ def _device_limits(device: str) -> dict[str, Any]:
         "multiprocessors": props.multi_processor_count,
         "shared_memory_per_block": getattr(props, "shared_memory_per_block_optin", None),
         "registers_per_multiprocessor": getattr(props, "regs_per_multiprocessor", None),
+        "total_memory": props.total_memory,
     }
 
 
@@ -296,6 +301,7 @@ def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -
     except BaseException as exc:  # the timing worker meets the same failure and records it
         reply.update(status="error", error=f"{type(exc).__name__}: {exc}"[:4000])
         reply["restart"] = _context_poisoned(device, str(reply["error"]))
+    _release_large_inputs(cache, device)
     reply["worker_seconds"] = time.perf_counter() - started
     return reply
 
@@ -317,6 +323,31 @@ def _prepare_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -
         cache.clear()
     reply["worker_seconds"] = time.perf_counter() - started
     return reply
+
+
+def _release_large_inputs(cache: dict[Any, Any], device: str) -> None:
+    """A compile worker keeps a study's inputs between configs only when they are small: eight
+    compile workers each holding a 34 GB KV cache would not fit beside the timing worker's."""
+    import torch
+
+    large = [k for k, v in cache.items() if isinstance(k, tuple) and k[0] in ("inputs", "check_inputs")
+             and _tensor_bytes(v) > KEEP_COMPILE_INPUTS_BYTES]
+    for key in large:
+        del cache[key]
+    if large and device.startswith("cuda"):
+        torch.cuda.empty_cache()  # back to the device, for the other workers
+
+
+def _tensor_bytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _run_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> dict[str, Any]:

@@ -253,3 +253,31 @@ def test_search_pace_shrinks_with_the_space(cells, startup, workers, expected):
     from sbbench.autotune.plan import search_pace
 
     assert search_pace(cells, startup, workers) == expected
+
+
+def test_configs_compiling_ahead_fit_in_the_gpus_memory():
+    from sbbench.autotune.plan import compile_ahead_within_memory, timing_input_bytes
+    from sbbench.harness.cases import Case
+    from sbbench.harness.decode import DecodeCase
+
+    gib = 1 << 30
+    big = DecodeCase(batch=64, heads=32, kv_heads=8, cache_len=131072, head_dim=128, dtype="bfloat16")
+    cache_bytes = 2 * 64 * 8 * 131072 * 128 * 2  # K and V: 32 GiB
+    assert cache_bytes <= timing_input_bytes(big, "decode") < 1.01 * cache_bytes
+    # 141 GB: the timing worker's copy and one compiling ahead, not eight.
+    assert compile_ahead_within_memory(8, timing_input_bytes(big, "decode"), 141 * 10**9) == 1
+    assert compile_ahead_within_memory(8, timing_input_bytes(big, "decode"), 40 * gib) == 0
+    small = Case(4, 24, 24, 16384, 64, "bfloat16")
+    assert compile_ahead_within_memory(8, timing_input_bytes(small, "bwd"), 141 * 10**9) == 8
+    assert timing_input_bytes(small, "bwd") == 3 * timing_input_bytes(small, "fwd")
+    assert compile_ahead_within_memory(8, 123, None) == 8  # CPU: no limit known
+
+
+def test_compile_workers_drop_large_inputs_after_each_config(monkeypatch):
+    from sbbench.autotune import worker
+
+    monkeypatch.setattr(worker, "KEEP_COMPILE_INPUTS_BYTES", 100)
+    cache = {("inputs", "big"): {"q": torch.zeros(100), "lengths": [1, 2]}, ("check_inputs", "small"): {"q": torch.zeros(10)},
+             "oracles": {("k",): (torch.zeros(1000), None)}}
+    worker._release_large_inputs(cache, "cpu")
+    assert set(cache) == {("check_inputs", "small"), "oracles"}
