@@ -194,13 +194,22 @@ def test_the_triton_launch_filter_rejects_configs_that_cannot_win():
     # Four stages of 128-key tiles at D=128 do not fit in a block's shared memory.
     deep = {**backend.default_config, "fwd_BLOCK_N": 128, "fwd_num_stages": 4, "fwd_num_warps": 8}
     assert "shared memory" in backend.launch_filter(problem(128), deep, {"shared_memory_per_block": 232448})
-    # The shipped H100 configs all pass.
+    # A 128x64 dK/dV tile with 3 stages at D=128: its pipelined tiles fit (224 KiB), but with the
+    # score tile staged for the second product it needs 257 KiB (what Triton asked for on the H200).
+    staged = {**backend.default_config, "bwd_dkdv_BLOCK_M": 128, "bwd_dkdv_BLOCK_N": 64, "bwd_dkdv_num_stages": 3,
+              "bwd_dkdv_num_warps": 8}
+    assert "bwd_dkdv" in backend.launch_filter(problem(128), staged, {"shared_memory_per_block": 232448})
+    assert backend.launch_filter(problem(128), {**staged, "bwd_dkdv_num_stages": 2}, {"shared_memory_per_block": 232448}) is None
+    # The shipped configs all pass.
     from sbbench.core import config_loader
 
-    shipped = config_loader.read_config_file(config_loader.SHIPPED_DIR / "NVIDIA_H100_80GB_HBM3" / "triton.json")
-    for entry in shipped["entries"]:
-        config = {**backend.default_config, **entry["config"]}
-        assert backend.launch_filter(problem(entry["key"]["head_dim"]), config, {}) is None, entry["config"]
+    for device in ("NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"):
+        shipped = config_loader.read_config_file(config_loader.SHIPPED_DIR / device / "triton.json")
+        for entry in shipped["entries"]:
+            if entry["key"]["pass"] == "decode":
+                continue
+            config = {**backend.default_config, **entry["config"]}
+            assert backend.launch_filter(problem(entry["key"]["head_dim"]), config, {}) is None, entry["config"]
 
 
 @given(st.data())

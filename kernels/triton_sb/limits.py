@@ -26,6 +26,10 @@ MIN_SCORES_PER_THREAD = 4
 # their log-sigmoid and the running sums; the backward kernels the probabilities and their
 # gradient on top of those.
 LIVE_SCORE_TILES = {"fwd": 3, "bwd_dq": 4, "bwd_dkdv": 4}
+# Besides the pipelined tiles, each kernel stages one float32 (row, key) tile through shared
+# memory to change its register layout between its matrix products (the scores computed by one
+# product become an operand of the next).
+SCORE_TILE_SCRATCH_BYTES = 4
 # Hopper's per-block limit, used when the device did not report one.
 DEFAULT_SHARED_MEMORY = 227 * 1024
 
@@ -71,7 +75,7 @@ def launch_filter(problem: AttnProblem, config: Mapping[str, Any], limits: Mappi
             return (f"{kernel}: {values:.0f} float32 values per thread in registers "
                     f"(> {MAX_VALUES_PER_THREAD}): it would spill")
         stages = max(1, t["stages"])
-        needed = (t["resident_rows"] + stages * t["streamed_rows"]) * t["d"] * element
+        needed = (t["resident_rows"] + stages * t["streamed_rows"]) * t["d"] * element + scores * SCORE_TILE_SCRATCH_BYTES
         if needed > shared:
             return f"{kernel}: {needed // 1024} KiB of shared memory for {stages} stage(s) (> {shared // 1024} KiB)"
     return None
