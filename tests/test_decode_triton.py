@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sbbench import sb_attn_with_kvcache
+from sbbench.core.decode_problem import validate_decode
 from sbbench.core.registry import get_backend
 from sbbench.harness.check import budget_metrics, skip_bound
 from sbbench.kernels.reference import decode_rows
@@ -40,7 +41,9 @@ def assert_within_budget(q, k_cache, v_cache, lengths, attend_current, config):
     inv_temp = q.shape[-1] ** -0.5
     ref64 = decode_rows(q, k_cache, v_cache, lengths, inv_temp, attend_current, compute_dtype=torch.float64)
     pt = decode_rows(q, k_cache, v_cache, lengths, inv_temp, attend_current)
-    resolved = {**get_backend("triton").decode_default_config, **(config or {})}
+    # What the call ran with: the tuned config file's entry for this shape when there is one.
+    problem = validate_decode(q, k_cache, v_cache, lengths, None, attend_current, None, None)
+    resolved = get_backend("triton").resolve_decode_config(problem, config)
     for name, x, ref, low in zip(("o", "rem"), got, ref64, pt):
         assert x.dtype == q.dtype and x.shape == ref.shape
         assert torch.isfinite(x).all(), f"{name}: NaN/Inf"
