@@ -8,19 +8,19 @@
 #
 # Several steps may be given at once (`bash ci/gpu_gate.sh bench gate`). <device> is
 # torch.cuda.get_device_name() with spaces as underscores. Environment: SWEEP (default
-# sbbench/sweeps/gate.json), CURRENT (default current.json), BASELINE (default
+# sbbench/sweeps/gate_<device>.json when the device has one, else sbbench/sweeps/gate.json), CURRENT (default current.json), BASELINE (default
 # reports/<device>/bench.json), GATE_JSON (default gate.json), REPORT_DIR (default report-current).
 # Exit status: sbbench's (gate: 1 on a regression, 2 on unusable input); a GPU without a committed
 # baseline is a warning, not a failure, so a new device can run CI before its baseline exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SWEEP=${SWEEP:-sbbench/sweeps/gate.json}
+SWEEP=${SWEEP:-}
 CURRENT=${CURRENT:-current.json}
 GATE_JSON=${GATE_JSON:-gate.json}
 REPORT_DIR=${REPORT_DIR:-report-current}
 
 device_stem() {
-  python -c '
+  python3 -c '
 import sys, torch
 from sbbench.core.config_loader import device_file_stem
 if not torch.cuda.is_available():
@@ -37,7 +37,11 @@ for step in "$@"; do
       if [ -n "${GITHUB_OUTPUT:-}" ]; then echo "stem=$stem" >> "$GITHUB_OUTPUT"; fi
       ;;
     bench)
-      sbbench bench --sweep "$SWEEP" --json "$CURRENT" --no-progress
+      # A device with its own sweep (sbbench/sweeps/gate_<device>.json) is gated on that one.
+      sweep=${SWEEP:-sbbench/sweeps/gate_$(device_stem).json}
+      [ -f "$sweep" ] || sweep=sbbench/sweeps/gate.json
+      echo "sweep: $sweep"
+      sbbench bench --sweep "$sweep" --json "$CURRENT" --no-progress
       ;;
     gate)
       baseline=${BASELINE:-reports/$(device_stem)/bench.json}

@@ -328,13 +328,30 @@ def test_shipped_gate_sweep():
     assert {1024, 16384} <= {c.seqlen for c in cases}
     assert any(c.varlen for c in cases) and any(c.kv_heads < c.heads for c in cases)
     assert {"triton", "chunked", "compiled", "upstream"} <= {b for s in sweeps for b in s.backends}
-    # No measurement twice (the gate matches rows by backend, shape, mode and regime), and that
-    # includes the baseline, which run_bench measures beside every case of every sweep.
+    assert_measures_nothing_twice(sweeps)
+
+
+def assert_measures_nothing_twice(sweeps) -> None:
+    # The gate matches rows by backend, shape, mode and regime, and that includes the baseline,
+    # which run_bench measures beside every case of every sweep.
     seen = set()
     for s in sweeps:
         for key in itertools.product(s.backends, s.cases, s.modes, s.regimes):
             assert key not in seen, key
             seen.add(key)
+
+
+def test_device_gate_sweeps_cover_the_records_and_every_feature():
+    for path in (REPO / "sbbench" / "sweeps").glob("gate_*.json"):
+        sweeps = sweeps_from_flags("bench", sweep_file=path, device="cuda")
+        cases = cases_from_file(path, device="cuda")
+        assert all(s.baseline == "fa2" and s.backends[0] == "fa2" for s in sweeps)
+        assert {(64, 16384), (128, 16384)} <= {(c.head_dim, c.seqlen) for c in cases}
+        assert {"bfloat16", "float16"} <= {c.dtype for c in cases}
+        assert any(c.varlen for c in cases) and any(c.kv_heads < c.heads for c in cases)
+        assert any(c.attend_current for c in cases)
+        assert {"dense", "mixed"} <= {r for s in sweeps for r in s.regimes}
+        assert_measures_nothing_twice(sweeps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,10 +64,15 @@ def test_gpu_workflow_order_and_artifacts():
         assert path in upload["with"]["path"]
 
 
-def test_gate_script_names_a_device_neutral_sweep():
+def test_gate_script_takes_the_devices_sweep_else_the_device_neutral_one():
     text = (ROOT / "ci" / "gpu_gate.sh").read_text()
-    assert "SWEEP=${SWEEP:-sbbench/sweeps/gate.json}" in text
+    assert "sweep=${SWEEP:-sbbench/sweeps/gate_$(device_stem).json}" in text
+    assert '[ -f "$sweep" ] || sweep=sbbench/sweeps/gate.json' in text
     assert (ROOT / "sbbench" / "sweeps" / "gate.json").is_file()
+    # A device's own sweep comes with that device's baseline.
+    for sweep in (ROOT / "sbbench" / "sweeps").glob("gate_*.json"):
+        stem = sweep.stem.removeprefix("gate_")
+        assert (ROOT / "reports" / stem / "bench.json").is_file(), stem
     assert "reports/$(device_stem)/bench.json" in text and "--settings ci/gate.toml" in text
 
 
