@@ -22,7 +22,6 @@ def sb_attn(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     config: Mapping[str, Any] | None = None,
-    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stick-breaking attention (arXiv 2410.17980), causal.
 
@@ -43,17 +42,13 @@ def sb_attn(
         cu_seqlens: int32 (N+1,) cumulative sequence starts, FlashAttention's varlen convention.
         max_seqlen: the longest sequence, required with ``cu_seqlens``.
         config: launch parameters overriding the tuned or default config of the backend.
-        deterministic: False asks for a faster backward whose gradients are not bit-reproducible
-            from run to run (``triton``: dQ summed with float atomics); a backend without one
-            raises ``ValueError``.
 
     Returns:
         ``(o, rem)``: o shaped like q, rem (B, H, T) or (total, H), both in q's dtype. ``rem`` is
         never added to o: callers decide what the leftover stick attends to.
 
     Raises:
-        ValueError/TypeError naming the argument for bad input (``deterministic=False`` for a
-        backend without such a backward included); TypeError naming the plug-in
+        ValueError/TypeError naming the argument for bad input; TypeError naming the plug-in
         when a ``"module:function"`` backend returns anything but such a pair.
     """
     problem = validate(q, k, v, inv_temp, attend_current, cu_seqlens, max_seqlen)
@@ -67,7 +62,7 @@ def sb_attn(
     if reason is not None:
         raise ValueError(f"backend: {chosen.name!r} cannot run this input: {reason}")
     resolved = chosen.resolve_config(problem, config) if (chosen.config_space or config) else None
-    out = chosen.run(
+    out = chosen.fn(
         q,
         k,
         v,
@@ -76,7 +71,6 @@ def sb_attn(
         cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
         config=resolved,
-        deterministic=deterministic,
     )
     if chosen.name not in backend_names():
         # A user's "module:function" is held to the contract the built-in backends are tested on,

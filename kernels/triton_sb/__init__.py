@@ -1,6 +1,5 @@
-"""``triton``: the flash-style Triton kernel (forward and deterministic backward, or with
-``deterministic=False`` one that sums dQ with atomics; block skipping, GQA without repeating k/v,
-packed varlen, any batch/head/sequence strides).
+"""``triton``: the flash-style Triton kernel (forward and deterministic backward, block skipping,
+GQA without repeating k/v, packed varlen, any batch/head/sequence strides).
 
 On a GPU it is the fastest backend and ``backend="auto"``'s choice. On a CPU it runs under the
 Triton interpreter (``TRITON_INTERPRET=1``, set before triton is imported), which is how CI tests
@@ -63,15 +62,12 @@ def triton_sb_attn(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     config: dict | None = None,
-    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``triton`` backend: inputs already validated by ``sb_attn``. ``deterministic=False``:
-    the backward adds dQ up with float atomics in its dK/dV kernel (kernels.py)."""
+    """The ``triton`` backend: inputs already validated by ``sb_attn``."""
     from sbbench.kernels.triton_sb.op import triton_sb_fwd
 
     seqlen = max_seqlen if cu_seqlens is not None else q.shape[2]
-    o, rem, _, _ = triton_sb_fwd(q, k, v, cu_seqlens, float(inv_temp), bool(attend_current), int(seqlen),
-                                 _config_list(config), bool(deterministic))
+    o, rem, _, _ = triton_sb_fwd(q, k, v, cu_seqlens, float(inv_temp), bool(attend_current), int(seqlen), _config_list(config))
     return o, rem
 
 
@@ -155,5 +151,4 @@ register_backend(
     decode_default_config=DECODE_DEFAULT_CONFIG,
     decode_skipped_fraction=_decode_skipped_fraction,
     decode_tuned_config=decode_tuned_config_hook("triton", validate=_decode_config_list, tuned_devices=("cuda",)),
-    nondeterministic_backward=True,
 )(triton_sb_attn)

@@ -26,9 +26,7 @@ The query-major dQ kernel walks each row's keys from the left, so P is a plain r
 stores per (row, dK/dV key block) of the causal blocks the two values a block cannot compute
 alone: P left of it and the log-stick right of it. The key-major dK/dV kernel then recomputes each
 block from those. Each output element is written by one program: no atomics on floats, so the
-backward is deterministic. Opt-in (``DQ_HERE=False``, ``ATOMIC_DQ=True``): the dQ kernel only
-makes those values, and the dK/dV kernel, which forms every dz anyway, adds dz @ k into a float32
-dQ with atomics, whose arrival order makes dQ's rounding vary from run to run.
+backward is deterministic.
 
 Block skipping: once every row of a query tile has ``carry > -skip_log2`` (rem < 2^skip_log2),
 the forward stops walking left. It checks after ``skip_check_keys`` keys, then after twice as many
@@ -497,11 +495,10 @@ def _dq_block(
     total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, DQ_HERE: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
     """Key block n of the dQ walk. MASKED: some rows start right of the block's first key (their
-    ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end). Without
-    DQ_HERE (the atomic-dQ backward) only the boundary sums are made: P needs g, not dz."""
+    ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end)."""
     keys = n * BLOCK_N + offs_n
     if CAUSAL:
         kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
@@ -520,9 +517,8 @@ def _dq_block(
     r_right = (total - carry_f).to(tl.float32)
     log2_beta = z2 - sp2
     _, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
-    if DQ_HERE:
-        dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
-        dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
+    dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
+    dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += tl.sum(g, 1)
     # ... and the stick right of it at its right edge (or where the walk ends).
     at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
@@ -547,7 +543,7 @@ def sb_bwd_dq_kernel(
     T_dense, total_rows, state_total, num_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
     inv_temp, num_key_blocks, ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
-    PRECISION: tl.constexpr, ACCURATE: tl.constexpr, DQ_HERE: tl.constexpr,
+    PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
     # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
@@ -612,25 +608,24 @@ def sb_bwd_dq_kernel(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE, DQ_HERE,
+            ACCURATE,
         )
     for n in range(tl.maximum(n_bottom, n_whole), n_unmasked_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE, DQ_HERE,
+            ACCURATE,
         )
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE, DQ_HERE,
+            ACCURATE,
         )
-    if DQ_HERE:
-        dq = dq * inv_temp
-        tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+    dq = dq * inv_temp
+    tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,14 +636,13 @@ def sb_bwd_dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n, offs_d,
-    stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix, dq_head, stride_dqt,
+    stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
-    """dK and dV of the key block from query tile m of one head (and with ATOMIC_DQ, the block's
-    share of the tile's dQ, added into a float32 buffer). MASKED: some row may start right of the
-    block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal."""
+    """dK and dV of the key block from query tile m of one head. MASKED: some row may start
+    right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal."""
     offs_m = m * BLOCK_M + offs_mm
     row_ok = offs_m < seqlen
     md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -679,31 +673,24 @@ def _dkdv_tile(
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
     dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
-    if ATOMIC_DQ:
-        # The dQ kernel's product (dz in the inputs' dtype times k, float32 sums); inv_temp is
-        # applied once to the finished sum, as there. Relaxed: nothing reads the buffer before
-        # the launch ends.
-        dq = tl.dot(dz.to(k.dtype), k, input_precision=PRECISION)
-        tl.atomic_add(dq_head + offs_m[:, None] * stride_dqt + offs_d[None, :], dq, mask=md_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def sb_bwd_dkdv_kernel(
     Q, K, V, DO, STOP, CU_SEQLENS, CU_STATES, DREM_REM, STATE_R, STATE_P, ROW_HI, MAX_STOP,
-    DK, DV, DQ_ACC,
+    DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    stride_dqb, stride_dqh, stride_dqt,
     T_dense, total_rows, state_total, num_kv_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
     inv_temp, num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ACCURATE: tl.constexpr,
 ):
     # Key block 0 sees every query tile: the most work, launched first.
     pid_n, pid_bhk, _ = _work_order(num_pairs, sched_pairs)
@@ -720,7 +707,6 @@ def sb_bwd_dkdv_kernel(
     do_base = _head_base(DO, row0, pid_b, 0, stride_dob, stride_doh, stride_dot, IS_VARLEN)
     dk_base = _head_base(DK, row0, pid_b, pid_hk, stride_dkb, stride_dkh, stride_dkt, IS_VARLEN)
     dv_base = _head_base(DV, row0, pid_b, pid_hk, stride_dvb, stride_dvh, stride_dvt, IS_VARLEN)
-    dq_base = _head_base(DQ_ACC, row0, pid_b, 0, stride_dqb, stride_dqh, stride_dqt, IS_VARLEN)
     state_base = _state_base(CU_STATES, pid_b, IS_VARLEN)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -750,29 +736,25 @@ def sb_bwd_dkdv_kernel(
         pid_h = pid_hk * group + hg
         q_head = q_base + pid_h * stride_qh
         do_head = do_base + pid_h * stride_doh
-        dq_head = dq_base + pid_h * stride_dqh
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                dq_head, stride_dqt, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION,
-                ACCURATE, ATOMIC_DQ,
+                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
         for m in range(m_from, m_masked_end):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                dq_head, stride_dqt, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION,
-                ACCURATE, ATOMIC_DQ,
+                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
         for m in range(m_masked_end, m_last + 1):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                dq_head, stride_dqt, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION,
-                ACCURATE, ATOMIC_DQ,
+                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
             )
     dk = dk * inv_temp
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)

@@ -52,13 +52,11 @@ def _kernel_flags(dtype: torch.dtype, scan: str) -> dict:
 
 
 def launch_options(
-    config: Mapping[str, Any], dtype: torch.dtype, head_dim: int, attend_current: bool, varlen: bool,
-    deterministic: bool = True,
+    config: Mapping[str, Any], dtype: torch.dtype, head_dim: int, attend_current: bool, varlen: bool
 ) -> dict[str, dict[str, Any]]:
     """Compile-time parameters, warps and stages of the three kernels (``"fwd"``, ``"bwd_dq"``,
     ``"bwd_dkdv"``) for a full, checked launch config (``params.config_from_list``): what the
-    launchers pass by name, and what ``sass.py`` compiles to inspect a launch without a GPU.
-    ``deterministic=False``: the backward whose dK/dV kernel also adds up dQ with atomics."""
+    launchers pass by name, and what ``sass.py`` compiles to inspect a launch without a GPU."""
     c = config
     common = dict(HEAD_DIM=head_dim, ATTEND_CURRENT=int(attend_current), IS_VARLEN=varlen,
                   BLOCK_D=_block_d(head_dim), **_kernel_flags(dtype, c["scan"]))
@@ -71,11 +69,10 @@ def launch_options(
         ),
         "bwd_dq": dict(
             common, BLOCK_M=c["bwd_BLOCK_M"], BLOCK_N=c["bwd_BLOCK_N"], STATE_N=c["bwd_dkdv_BLOCK_N"],
-            DQ_HERE=deterministic,
             num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], **_register_cap(c["bwd_maxnreg"]),
         ),
         "bwd_dkdv": dict(
-            common, BLOCK_M=c["bwd_dkdv_BLOCK_M"], BLOCK_N=c["bwd_dkdv_BLOCK_N"], ATOMIC_DQ=not deterministic,
+            common, BLOCK_M=c["bwd_dkdv_BLOCK_M"], BLOCK_N=c["bwd_dkdv_BLOCK_N"],
             num_warps=c["bwd_dkdv_num_warps"], num_stages=c["bwd_dkdv_num_stages"],
             **_register_cap(c["bwd_dkdv_maxnreg"]),
         ),
@@ -108,10 +105,8 @@ def triton_sb_fwd(
     attend_current: bool,
     max_seqlen: int,
     cfg: list[int],
-    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, rem, log2 of 1/rem in float64, first visited key per row) for one call.
-    ``deterministic`` only chooses the backward (``triton_sb_bwd``)."""
+    """Returns (o, rem, log2 of 1/rem in float64, first visited key per row) for one call."""
     config = config_from_list(cfg)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     varlen = cu_seqlens is not None
@@ -138,7 +133,7 @@ def triton_sb_fwd(
 
 
 @triton_sb_fwd.register_fake
-def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg, deterministic=True):
+def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
     rows = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[2]
     heads = q.shape[1]
     return (
@@ -206,11 +201,7 @@ def triton_sb_bwd(
     attend_current: bool,
     max_seqlen: int,
     cfg: list[int],
-    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv). ``deterministic=False``: the dQ kernel only makes the boundary sums, and the
-    dK/dV kernel, which forms every dz anyway, adds dz @ k into a float32 dQ with atomics. Same
-    formulas; the float32 sums arrive in a run-dependent order, so dq is not bit-reproducible."""
     config = config_from_list(cfg)
     q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
     varlen = cu_seqlens is not None
@@ -242,9 +233,7 @@ def triton_sb_bwd(
     state_r = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
-    options = launch_options(config, q.dtype, head_dim, attend_current, varlen, deterministic)
-    # Zeroed: every (key block, query tile) program that sees a row adds its share.
-    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    options = launch_options(config, q.dtype, head_dim, attend_current, varlen)
     # Arguments both kernels of every launch take alike.
     shared = dict(
         CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do
@@ -258,8 +247,6 @@ def triton_sb_bwd(
         n_kv, h0, h1 = hk1 - hk0, hk0 * group, hk1 * group
         qc, doc, dremc, dqc = (x[:, h0:h1] for x in (q, do, drem, dq))
         kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
-        # Unread by the deterministic kernels: any pointer and strides will do.
-        accc = dqc if dq_acc is None else dq_acc[:, h0:h1]
         this_launch = dict(
             shared, Q=qc, K=kc, V=vc, DO=doc, STOP=stop[h0:h1],
             # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
@@ -276,37 +263,34 @@ def triton_sb_bwd(
             **this_launch, **options["bwd_dq"],
         )
         kernels.sb_bwd_dkdv_kernel[(num_key_blocks * kv_pairs,)](
-            DK=dkc, DV=dvc, DQ_ACC=accc, **_strides("dk", dkc, varlen), **_strides("dv", dvc, varlen),
-            **_strides("dq", accc, varlen),
+            DK=dkc, DV=dvc, **_strides("dk", dkc, varlen), **_strides("dv", dvc, varlen),
             num_kv_heads=n_kv, num_pairs=kv_pairs, sched_pairs=SCHED_PAIRS_KEY_MAJOR,
             **this_launch, **options["bwd_dkdv"],
         )
-    if dq_acc is not None:
-        dq.copy_(dq_acc.mul_(inv_temp))
     return dq, dk, dv
 
 
 @triton_sb_bwd.register_fake
-def _(do, drem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg, deterministic=True):
+def _(do, drem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg, deterministic = inputs
+    q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg = inputs
     o, _rem, logrem, stop = output
     ctx.save_for_backward(q, k, v, logrem, stop, cu_seqlens)
-    ctx.args = (inv_temp, attend_current, max_seqlen, cfg, deterministic)
+    ctx.args = (inv_temp, attend_current, max_seqlen, cfg)
 
 
 def _backward(ctx, grad_o, grad_rem, _grad_logrem, _grad_stop):
     q, k, v, logrem, stop, cu_seqlens = ctx.saved_tensors
-    inv_temp, attend_current, max_seqlen, cfg, deterministic = ctx.args
+    inv_temp, attend_current, max_seqlen, cfg = ctx.args
     if grad_o is None:
         grad_o = torch.zeros_like(q)
     dq, dk, dv = triton_sb_bwd(
-        grad_o, grad_rem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg, deterministic
+        grad_o, grad_rem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("sbbench::triton_sb_fwd", _backward, setup_context=_setup_context)

@@ -38,7 +38,7 @@ KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bw
 # Element types of the pointer arguments that are not the inputs' dtype.
 _POINTER_TYPES = {
     "STOP": "*i32", "CU_SEQLENS": "*i32", "ROW_HI": "*i32", "MAX_STOP": "*i32", "CU_STATES": "*i64", "LOGREM": "*fp64",
-    "DREM_REM": "*fp32", "STATE_R": "*fp32", "STATE_P": "*fp32", "DQ_ACC": "*fp32",
+    "DREM_REM": "*fp32", "STATE_R": "*fp32", "STATE_P": "*fp32",
 }
 _FLOAT_SCALARS = {"scale2", "inv_temp", "skip_threshold"}
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

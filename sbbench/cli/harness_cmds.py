@@ -39,17 +39,13 @@ ResumeOpt = Annotated[bool, typer.Option(
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write the rows to this CSV file.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed the random inputs (default: fresh every run).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")]
-NondeterministicOpt = Annotated[bool, typer.Option(
-    "--nondeterministic", help="Run stick-breaking backends with their faster backward that is not bit-reproducible "
-    "(sb_attn's deterministic=False; triton: dQ summed with atomics). Backends without one are marked unsupported; "
-    "comparators run as always. Rows record the mode in their 'deterministic' column.")]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
 # The library names the backend a single call runs; check and bench take a list.
-HARNESS_FLAGS = {"backend": "--backends", "deterministic": "--nondeterministic"}
+HARNESS_FLAGS = {"backend": "--backends"}
 
 
 def _fail_usage(message: str) -> typer.Exit:
@@ -223,7 +219,6 @@ def check_command(
     resume: ResumeOpt = False,
     seed: SeedOpt = None,
     fa2: Annotated[bool, typer.Option("--fa2/--no-fa2", help="Measure the FlashAttention-2 anchor beside each row.")] = True,
-    nondeterministic: NondeterministicOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Check numerics against the float64 oracle with FlashAttention-2's budget (2*err_pt + floor).
@@ -243,7 +238,7 @@ def check_command(
 
     def run(s: Sweep, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return run_check(s.backends, s.cases, s.regimes, s.device, modes=s.modes, fa2=fa2, seed=seed,
-                         progress=progress, done_rows=done, on_row=sofar, deterministic=not nondeterministic)
+                         progress=progress, done_rows=done, on_row=sofar)
 
     interrupted = _run_sweeps(run, sweeps, sofar, check_table)
     rows = sofar.rows
@@ -285,7 +280,6 @@ def bench_command(
     cuda_graph: Annotated[str, typer.Option(
         "--cuda-graph", help="GPU timing from a CUDA graph: off, on, or auto (only launch-bound shapes).")] = "off",
     seed: SeedOpt = None,
-    nondeterministic: NondeterministicOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Benchmark latency, TFLOP/s, peak memory and speedup. Failing rows are marked; exit 0
@@ -315,8 +309,7 @@ def bench_command(
                 typer.echo(f"note: no --baseline given and fa2 cannot be the baseline here ({why}): "
                            "the speedup column stays empty")
         return run_bench(s.backends, s.cases, s.modes, s.regimes, s.device, base, progress,
-                         cuda_graph=graph, seed=seed, done_rows=done, on_row=sofar,
-                         deterministic=not nondeterministic)
+                         cuda_graph=graph, seed=seed, done_rows=done, on_row=sofar)
 
     interrupted = _run_sweeps(run, sweeps, sofar, bench_table)
     rows = sofar.rows

@@ -141,40 +141,6 @@ class Backend:
     # Optional hook filling decode configs from tuned files (keys: batch, cache-length bucket;
     # see sbbench.core.tuned.decode_tuned_config_hook).
     decode_tuned_config: Callable[[AttnProblem], Mapping[str, Any]] | None = None
-    # Whether ``fn`` also takes ``deterministic=False`` (``sb_attn``'s): a faster backward that
-    # is not bit-reproducible. Every backend's default backward is deterministic.
-    nondeterministic_backward: bool = False
-
-    def deterministic_reason(self, deterministic: bool) -> str | None:
-        """Why this backend cannot run with ``deterministic`` (a bool), or None when it can."""
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
-        if deterministic or self.nondeterministic_backward:
-            return None
-        return "has only a deterministic backward (deterministic=False is not available)"
-
-    def run(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        inv_temp: float,
-        attend_current: bool,
-        *,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        config: Mapping[str, Any] | None = None,
-        deterministic: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Call ``fn`` (inputs already validated). ``deterministic=False`` reaches only a backend
-        that declares ``nondeterministic_backward``; any other raises ``ValueError`` naming it."""
-        reason = self.deterministic_reason(deterministic)
-        if reason is not None:
-            raise ArgumentError("deterministic", f"backend {self.name!r} {reason}")
-        mode = {} if deterministic else {"deterministic": False}
-        return self.fn(
-            q, k, v, inv_temp, attend_current, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, config=config, **mode
-        )
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine, or None when it can."""

@@ -29,7 +29,7 @@ SCHEMA_VERSION = 1
 # tables and the gate agree on names; commands may add more metric columns.
 IDENTITY_COLUMNS = (
     "command", "device", "compute_capability", "torch_version", "triton_version", "sbbench_version", "git_commit",
-    "backend", "implementation", "config", "comparator", "deterministic",
+    "backend", "implementation", "config", "comparator",
     "batch", "heads", "kv_heads", "seqlen", "head_dim", "dtype", "attend_current", "varlen",
     "mode", "regime",
 )
@@ -59,9 +59,6 @@ class ResultRow(TypedDict):
     implementation: str | None
     config: dict[str, Any] | None
     comparator: str | None
-    # sb_attn's ``deterministic``: False for a backward that is not bit-reproducible; None where
-    # it does not apply (softmax comparators run their library's default, other commands)
-    deterministic: bool | None
     # input
     batch: int | None
     heads: int | None

@@ -25,9 +25,6 @@ from sbbench.harness.inputs import REGIMES, make_inputs
 from sbbench.harness.runner import (
     BoundCall,
     bind,
-    deterministic_column,
-    deterministic_unsupported,
-    done_in_mode,
     differentiable,
     failure,
     grad_outputs_for,
@@ -94,7 +91,6 @@ def measure(
     cuda_graph: bool | Literal["auto"] = False,
     seed: int | None = None,
     prune_above_ms: float | None = None,
-    deterministic: bool = True,
 ) -> BenchRow:
     """Time ``backend`` on ``case`` in ``mode`` and ``regime``; one result row.
 
@@ -113,8 +109,6 @@ def measure(
         prune_above_ms: when the first run after the warm-up takes longer, stop there: the row
             has status ``pruned`` and that run's time as its latency (the tuner cuts configs
             that cannot win this way).
-        deterministic: ``sb_attn``'s argument (False: a faster, not bit-reproducible backward;
-            a backend without one gets an ``unsupported`` row). Comparators ignore it.
 
     Returns:
         A row (``sbbench.core.results`` schema) with latency_ms (median), latency_q20_ms,
@@ -133,8 +127,7 @@ def measure(
     if not isinstance(case, Case):
         raise TypeError(f"case: expected a Case, got {type(case).__name__}")
     dev = resolve_device(device)
-    row = identity_row(BenchRow, "bench", backend, case, regime, dev, mode=mode, comparator=baseline, seed=seed,
-                       deterministic=deterministic_column(backend, deterministic))
+    row = identity_row(BenchRow, "bench", backend, case, regime, dev, mode=mode, comparator=baseline, seed=seed)
 
     if inputs is None:
         try:
@@ -145,14 +138,14 @@ def measure(
             return row
     problem = problem_of(inputs, case)
     row["total_tokens"] = problem.total_tokens
-    reason = backend.unsupported_reason(problem) or deterministic_unsupported(backend, deterministic)
+    reason = backend.unsupported_reason(problem)
     if reason is None and mode != "fwd" and not backend.differentiable:
         reason = "not differentiable: has no backward"
     if reason is not None:
         row.update(status="unsupported", error=reason)
         return row
 
-    call, resolved = bind(backend, inputs, problem, config, requires_grad=mode != "fwd", deterministic=deterministic)
+    call, resolved = bind(backend, inputs, problem, config, requires_grad=mode != "fwd")
     row["config"] = resolved
     op = setup = None
     try:
@@ -259,7 +252,6 @@ def run_bench(
     seed: int | None = None,
     done_rows: Iterable[Mapping[str, Any]] = (),
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
-    deterministic: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every backend on every case, mode and regime; rows with ``speedup`` filled.
 
@@ -272,7 +264,6 @@ def run_bench(
     starts with them, and speedups are computed over old and new rows together. ``on_row`` is
     called with that list (the same object, growing) after every finished row, speedups filled,
     so a caller can save it; an interrupted sweep then loses only the row in progress.
-    ``deterministic`` as in :func:`measure`; done rows of the other mode do not count as done.
     """
     chosen = [resolve_backend(b) for b in backends]
     if not chosen:
@@ -287,7 +278,7 @@ def run_bench(
     dev = resolve_device(device)
     comparator = base.name if base is not None else None
     rows = [dict(r) for r in done_rows]
-    done = {match_key(r) for r in rows if done_in_mode(r, deterministic)}
+    done = {match_key(r) for r in rows}
     device_column = device_name(dev)
 
     def todo(case: Case, regime: str) -> list[tuple[str, Backend]]:
@@ -314,7 +305,7 @@ def run_bench(
                 rows.append(
                     measure(
                         backend, case, mode, regime, device=dev, inputs=inputs,
-                        baseline=comparator, cuda_graph=cuda_graph, seed=seed, deterministic=deterministic,
+                        baseline=comparator, cuda_graph=cuda_graph, seed=seed,
                     )
                 )
                 if base is not None:

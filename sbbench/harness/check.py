@@ -42,9 +42,6 @@ from sbbench.harness.cases import MODES, Case
 from sbbench.harness.inputs import REGIMES, make_inputs
 from sbbench.harness.runner import (
     bind,
-    deterministic_column,
-    deterministic_unsupported,
-    done_in_mode,
     failure,
     identity_row,
     problem_of,
@@ -255,7 +252,6 @@ def check_case(
     seed: int | None = None,
     grads: bool = True,
     oracles: MutableMapping[Any, Any] | None = None,
-    deterministic: bool = True,
 ) -> list[dict[str, Any]]:
     """Check one backend on fresh random inputs of ``case`` in ``regime``: one row per tensor.
 
@@ -272,8 +268,6 @@ def check_case(
             (float64 and the case's dtype) of one (case, regime, seed) are computed once and
             reused, since they depend on the inputs alone. The tuner checks many configs of one
             study this way.
-        deterministic: ``sb_attn``'s argument; False checks the backend's non-deterministic
-            backward (a backend without one gets an ``unsupported`` row). Comparators ignore it.
 
     Returns:
         Rows with ``tensor`` in o, rem (stick-breaking only), dq, dk, dv, and err_max,
@@ -295,7 +289,7 @@ def check_case(
     def row(tensor: str | None, **fields: Any) -> CheckRow:
         mode = "fwd" if tensor in ("o", "rem", None) else "bwd"
         return identity_row(CheckRow, "check", backend, case, regime, dev, mode=mode, tensor=tensor, seed=seed,
-                            deterministic=deterministic_column(backend, deterministic), **fields)
+                            **fields)
 
     try:
         inputs = make_inputs(case, regime, device=dev, seed=seed)
@@ -303,7 +297,7 @@ def check_case(
         status, message = failure(exc)
         return [row(None, status=status, error=f"making inputs: {message}", passed=False)]
     problem = problem_of(inputs, case)
-    reason = backend.unsupported_reason(problem) or deterministic_unsupported(backend, deterministic)
+    reason = backend.unsupported_reason(problem)
     if reason is not None:
         return [row(None, status="unsupported", error=reason)]
 
@@ -325,7 +319,7 @@ def check_case(
         )
 
     # The backend first, while memory is emptiest; then the references.
-    call, resolved = bind(backend, inputs, problem, config, requires_grad=with_grads, deterministic=deterministic)
+    call, resolved = bind(backend, inputs, problem, config, requires_grad=with_grads)
     try:
         with poisoned_outputs():
             got = _run(lambda *xs: call(), call.inputs, upstream, with_grads)
@@ -407,7 +401,6 @@ def run_check(
     progress: bool = True,
     done_rows: Iterable[Mapping[str, Any]] = (),
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
-    deterministic: bool = True,
 ) -> list[dict[str, Any]]:
     """:func:`check_case` for every backend, case and regime. ``modes`` decides whether the
     gradients are checked (any of ``bwd``/``fwdbwd``) or only o and rem (``fwd`` alone).
@@ -416,7 +409,6 @@ def run_check(
     among them (matched on :func:`~sbbench.core.results.match_key`, less the mode, which a check
     row takes from its tensor) is not checked again. The returned list starts with them.
     ``on_row`` is called with that list (the same object, growing) after every finished check.
-    ``deterministic`` as in :func:`check_case`; done rows of the other mode do not count as done.
     """
     chosen = [resolve_backend(b) for b in backends]
     if not chosen:
@@ -431,7 +423,7 @@ def run_check(
     cases = list(cases)
     dev = resolve_device(device)
     rows = [dict(r) for r in done_rows]
-    done = {match_key(r, ignore=("mode",)) for r in rows if done_in_mode(r, deterministic)}
+    done = {match_key(r, ignore=("mode",)) for r in rows}
     device_column = device_name(dev)
     units = [
         (case, regime, backend) for case in cases for regime in regimes for backend in chosen
@@ -446,8 +438,7 @@ def run_check(
         for case, regime, backend in units:
             bar.update(task, description=f"check {backend.name} T{case.seqlen} {case.dtype} {regime}")
             case_seed = None if seed is None else seed + made
-            found = check_case(backend, case, regime, device=dev, fa2=fa2, seed=case_seed, grads=grads,
-                               deterministic=deterministic)
+            found = check_case(backend, case, regime, device=dev, fa2=fa2, seed=case_seed, grads=grads)
             made += len(found)
             rows.extend(found)
             if on_row is not None:

@@ -71,39 +71,16 @@ class BoundCall:
     cu_seqlens: torch.Tensor | None
     max_seqlen: int | None
     config: Mapping[str, Any] | None
-    deterministic: bool = True
 
     @property
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q, self.k, self.v
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.backend.run(
+        return self.backend.fn(
             self.q, self.k, self.v, self.inv_temp, self.attend_current,
             cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, config=self.config,
-            deterministic=self.deterministic,
         )
-
-
-def deterministic_column(backend: Backend, deterministic: bool) -> bool | None:
-    """The ``deterministic`` column of ``backend``'s rows when the harness asks for
-    ``deterministic``: the mode a stick-breaking backend runs in; None for a softmax comparator,
-    which always runs its library's default backward (FlashAttention-2's sums dQ with atomics)."""
-    return deterministic if backend.kind == "stickbreaking" else None
-
-
-def deterministic_unsupported(backend: Backend, deterministic: bool) -> str | None:
-    """Why a stick-breaking ``backend`` cannot run in that mode (a row's ``unsupported`` reason)."""
-    if backend.kind != "stickbreaking":
-        return None
-    reason = backend.deterministic_reason(deterministic)
-    return None if reason is None else f"deterministic: {reason}"
-
-
-def done_in_mode(row: Mapping[str, Any], deterministic: bool) -> bool:
-    """Whether an earlier row counts as done for a run in mode ``deterministic``: rows of the
-    other mode do not; rows without a mode (comparators, files from before the column) do."""
-    return row.get("deterministic") in (deterministic, None)
 
 
 def bind(
@@ -114,10 +91,8 @@ def bind(
     *,
     requires_grad: bool,
     dtype: torch.dtype | None = None,
-    deterministic: bool = True,
 ) -> tuple[BoundCall, dict[str, Any]]:
-    """Bind ``backend`` to ``inputs`` and return it with its resolved config; ``deterministic``
-    as :func:`deterministic_column` says (comparators run their default).
+    """Bind ``backend`` to ``inputs`` and return it with its resolved config.
 
     q, k, v are detached views of the caller's tensors (no copy unless ``dtype`` asks for one),
     so one set of inputs serves every backend and mode. The config is resolved as ``sb_attn``
@@ -135,7 +110,6 @@ def bind(
         backend, *tensors, problem.inv_temp, problem.attend_current,
         inputs.get("cu_seqlens"), inputs.get("max_seqlen"),
         resolved if (backend.config_space or config) else None,
-        deterministic_column(backend, deterministic) is not False,
     )
     return call, resolved
 
