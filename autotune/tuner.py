@@ -48,6 +48,7 @@ from sbbench.autotune.plan import (
     WarmStart,
     budget_shares,
     compile_ahead_within_memory,
+    decode_problem_for,
     plan_studies,
     problem_for,
     restrict_space,
@@ -201,13 +202,17 @@ def _sibling_lookup(backend: Backend, env: Mapping[str, Any]):
 
 def _cells(plan: Plan, backend: Backend, device_type: str, limits: Mapping[str, Any]) -> sampling.Cells:
     """The configs of ``plan``'s space the backend's launch filter lets through."""
-    if backend.launch_filter is None or plan.key.pass_ == "decode":  # the filter judges fwd/bwd launches
+    decode = plan.key.pass_ == "decode"
+    judge = backend.decode_launch_filter if decode else backend.launch_filter
+    if judge is None:
         return sampling.Cells(plan.space)
-    problem = problem_for(plan.case, device_type)
-    base = {**{p.name: p.choices[0] for p in backend.config_space}, **backend.default_config}
+    problem = decode_problem_for(plan.case, device_type) if decode else problem_for(plan.case, device_type)
+    space, defaults = (backend.decode_config_space, backend.decode_default_config) if decode \
+        else (backend.config_space, backend.default_config)
+    base = {**{p.name: p.choices[0] for p in space}, **defaults}
 
     def admissible(params: Mapping[str, Any]) -> bool:
-        return backend.launch_filter(problem, {**base, **params}, limits) is None
+        return judge(problem, {**base, **params}, limits) is None
 
     return sampling.Cells(plan.space, admissible)
 

@@ -290,3 +290,23 @@ def test_compile_workers_drop_large_inputs_after_each_config(monkeypatch):
              "oracles": {("k",): (torch.zeros(1000), None)}}
     worker._release_large_inputs(cache, "cpu")
     assert set(cache) == {("check_inputs", "small"), "oracles"}
+
+
+def test_the_decode_launch_filter_rejects_configs_that_cannot_fit():
+    from sbbench.autotune.plan import decode_problem_for
+    from sbbench.core import config_loader
+    from sbbench.harness.decode import DecodeCase
+
+    backend = registry.get_backend("triton")
+    problem = decode_problem_for(DecodeCase(batch=1, heads=32, kv_heads=8, cache_len=32768, head_dim=128, dtype="bfloat16"), "cuda")
+    h200 = {"shared_memory_per_block": 232448}
+    base = dict(backend.decode_default_config)
+    assert backend.decode_launch_filter(problem, base, h200) is None
+    # 128-key tiles at D=128: four stages fit on the H200, five asked Triton for 264 KiB.
+    assert backend.decode_launch_filter(problem, {**base, "BLOCK_N": 128, "num_stages": 4}, h200) is None
+    assert "shared memory" in backend.decode_launch_filter(problem, {**base, "BLOCK_N": 128, "num_stages": 5}, h200)
+    assert "BLOCK_N" in backend.decode_launch_filter(problem, {**base, "BLOCK_N": 24}, h200)
+    shipped = config_loader.read_config_file(config_loader.SHIPPED_DIR / "NVIDIA_H200" / "triton.json")
+    for entry in shipped["entries"]:
+        if entry["key"]["pass"] == "decode":
+            assert backend.decode_launch_filter(problem, {**base, **entry["config"]}, h200) is None, entry["config"]

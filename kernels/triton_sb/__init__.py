@@ -15,7 +15,7 @@ import torch
 from sbbench.core.problem import AttnProblem
 from sbbench.core.registry import Param, register_backend
 from sbbench.core.tuned import decode_tuned_config_hook, tuned_config_hook
-from sbbench.kernels.triton_sb.limits import launch_filter
+from sbbench.kernels.triton_sb.limits import decode_launch_filter, launch_filter
 from sbbench.kernels.triton_sb.params import CONFIG_SPACE, DEFAULT_CONFIG, check_config, config_to_list
 
 
@@ -150,5 +150,6 @@ register_backend(
     decode_config_space=DECODE_CONFIG_SPACE,
     decode_default_config=DECODE_DEFAULT_CONFIG,
     decode_skipped_fraction=_decode_skipped_fraction,
+    decode_launch_filter=decode_launch_filter,
     decode_tuned_config=decode_tuned_config_hook("triton", validate=_decode_config_list, tuned_devices=("cuda",)),
 )(triton_sb_attn)

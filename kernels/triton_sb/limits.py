@@ -79,3 +79,24 @@ def launch_filter(problem: AttnProblem, config: Mapping[str, Any], limits: Mappi
         if needed > shared:
             return f"{kernel}: {needed // 1024} KiB of shared memory for {stages} stage(s) (> {shared // 1024} KiB)"
     return None
+
+
+def decode_launch_filter(problem: Any, config: Mapping[str, Any], limits: Mapping[str, Any]) -> str | None:
+    """Why a decode launch config cannot run for ``problem`` (a ``DecodeProblem``), or None.
+
+    The split kernel streams K and V tiles through a software pipeline of ``num_stages`` steps,
+    which keeps ``num_stages - 1`` tiles of each in shared memory ahead of the one in use (on
+    the H200, 128-key tiles at D=128 asked for 264 KiB with 5 stages and fit with 4)."""
+    from sbbench.kernels.triton_sb.decode import _check_decode_launch
+
+    try:
+        _check_decode_launch(config)
+    except ValueError as exc:
+        return str(exc)
+    shared = limits.get("shared_memory_per_block") or DEFAULT_SHARED_MEMORY
+    d = max(16, triton.next_power_of_2(problem.head_dim))
+    buffered = max(1, config["num_stages"] - 1)
+    needed = buffered * 2 * config["BLOCK_N"] * d * problem.dtype.itemsize
+    if needed > shared:
+        return f"decode: {needed // 1024} KiB of shared memory for {config['num_stages']} stage(s) (> {shared // 1024} KiB)"
+    return None

@@ -138,6 +138,8 @@ class Backend:
     decode_config_space: tuple[Param, ...] = ()
     decode_default_config: Mapping[str, Any] = field(default_factory=dict)
     decode_skipped_fraction: Callable[..., float] | None = None
+    # Like ``launch_filter``, for a full decode launch config and a ``DecodeProblem``.
+    decode_launch_filter: Callable[[Any, Mapping[str, Any], Mapping[str, Any]], str | None] | None = None
     # Optional hook filling decode configs from tuned files (keys: batch, cache-length bucket;
     # see sbbench.core.tuned.decode_tuned_config_hook).
     decode_tuned_config: Callable[[AttnProblem], Mapping[str, Any]] | None = None
