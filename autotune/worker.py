@@ -207,24 +207,32 @@ def _task_case(task: Mapping[str, Any], name: str = "case") -> Any:
     return (DecodeCase if task["mode"] == "decode" else Case)(**task[name])
 
 
-def _timing_inputs(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> Any:
+# Cache keys of a study's inputs in a worker: the timing case's, and (compile workers) the
+# check case's.
+_INPUTS_KEY = {"case": "inputs", "check_case": "check_inputs"}
+
+
+def _timing_inputs(task: Mapping[str, Any], device: str, cache: dict[Any, Any], case_field: str = "case") -> Any:
     """The same inputs for every trial of a study (seeded), so trials differ only by config:
-    in the ``mixed`` regime the data decides how many blocks can be skipped."""
+    in the ``mixed`` regime the data decides how many blocks can be skipped. ``case_field``
+    ``"check_case"``: the check case's, with gradients (the check runs forward and backward)."""
     from sbbench.harness.decode import make_decode_inputs
     from sbbench.harness.inputs import make_inputs
 
-    key = ("inputs", tuple(sorted(task["case"].items())), task["regime"], task["mode"], task["input_seed"])
+    prefix = _INPUTS_KEY[case_field]
+    key = (prefix, tuple(sorted(task[case_field].items())), task["regime"], task["mode"], task["input_seed"])
     if key not in cache:
         # One study's inputs (and references) at a time: a long sweep must not pile up GPU memory.
-        for old in [k for k in cache if k[0] == "inputs"]:
+        for old in [k for k in cache if k[0] == prefix]:
             del cache[old]
-        cache.pop("oracles", None)
-        case = _task_case(task)
+        if case_field == "case":
+            cache.pop("oracles", None)
+        case = _task_case(task, case_field)
         if task["mode"] == "decode":
             cache[key] = make_decode_inputs(case, task["regime"], device=device, seed=task["input_seed"])
         else:
             cache[key] = make_inputs(case, task["regime"], device=device, seed=task["input_seed"],
-                                     requires_grad=task["mode"] != "fwd")
+                                     requires_grad=case_field == "check_case" or task["mode"] != "fwd")
     return cache[key]
 
 
@@ -254,40 +262,21 @@ def _constraint(rows: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
     return float(min(worst, 1e6)), worst_text
 
 
-def _run_pass_once(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> None:
-    """One untimed call of the task's pass with its config on the study's timing inputs."""
+def _run_pass_once(task: Mapping[str, Any], device: str, cache: dict[Any, Any], case_field: str = "case") -> None:
+    """One untimed call of the task's pass with its config on the study's timing inputs; with
+    ``case_field="check_case"``, of what the numerics check runs (forward and backward, or
+    decode) on the check case, whose shape may specialise other kernels than the timing case's
+    (Triton specialises integer arguments equal to 1, such as a batch of one): building those
+    belongs in the compile workers, not in a checked trial."""
     from sbbench.harness.bench import run_once
     from sbbench.harness.decode import run_decode_once
 
-    inputs = _timing_inputs(task, device, cache)
+    case, inputs = _task_case(task, case_field), _timing_inputs(task, device, cache, case_field)
     if task["mode"] == "decode":
-        run_decode_once(task["backend"], _task_case(task), inputs, config=dict(task["config"]))
+        run_decode_once(task["backend"], case, inputs, config=dict(task["config"]))
     else:
-        run_once(task["backend"], _task_case(task), task["mode"], inputs, device=device, config=dict(task["config"]))
-
-
-def _run_check_case_once(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> None:
-    """One untimed call of what the numerics check runs (forward and backward, or decode) on
-    the check case: its shape may specialise other kernels than the timing case's (Triton
-    specialises integer arguments equal to 1, such as a batch of one), and building them belongs
-    in the compile workers, not in a checked trial."""
-    from sbbench.harness.bench import run_once
-    from sbbench.harness.decode import make_decode_inputs, run_decode_once
-    from sbbench.harness.inputs import make_inputs
-
-    case = _task_case(task, "check_case")
-    key = ("check_inputs", tuple(sorted(task["check_case"].items())), task["mode"])
-    if key not in cache:
-        for old in [k for k in cache if k[0] == "check_inputs"]:
-            del cache[old]
-        if task["mode"] == "decode":
-            cache[key] = make_decode_inputs(case, task["regime"], device=device, seed=task["input_seed"])
-        else:
-            cache[key] = make_inputs(case, task["regime"], device=device, seed=task["input_seed"], requires_grad=True)
-    if task["mode"] == "decode":
-        run_decode_once(task["backend"], case, cache[key], config=dict(task["config"]))
-    else:
-        run_once(task["backend"], case, "fwdbwd", cache[key], device=device, config=dict(task["config"]))
+        mode = task["mode"] if case_field == "case" else "fwdbwd"
+        run_once(task["backend"], case, mode, inputs, device=device, config=dict(task["config"]))
 
 
 def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -> dict[str, Any]:
@@ -297,7 +286,7 @@ def _compile_task(task: Mapping[str, Any], device: str, cache: dict[Any, Any]) -
     try:
         _run_pass_once(task, device, cache)
         if task.get("check_case"):
-            _run_check_case_once(task, device, cache)
+            _run_pass_once(task, device, cache, "check_case")
     except BaseException as exc:  # the timing worker meets the same failure and records it
         reply.update(status="error", error=f"{type(exc).__name__}: {exc}"[:4000])
         reply["restart"] = _context_poisoned(device, str(reply["error"]))
@@ -330,7 +319,7 @@ def _release_large_inputs(cache: dict[Any, Any], device: str) -> None:
     compile workers each holding a 34 GB KV cache would not fit beside the timing worker's."""
     import torch
 
-    large = [k for k, v in cache.items() if isinstance(k, tuple) and k[0] in ("inputs", "check_inputs")
+    large = [k for k, v in cache.items() if isinstance(k, tuple) and k[0] in _INPUTS_KEY.values()
              and _tensor_bytes(v) > KEEP_COMPILE_INPUTS_BYTES]
     for key in large:
         del cache[key]

@@ -85,8 +85,7 @@ def decode_launch_filter(problem: Any, config: Mapping[str, Any], limits: Mappin
     """Why a decode launch config cannot run for ``problem`` (a ``DecodeProblem``), or None.
 
     The split kernel streams K and V tiles through a software pipeline of ``num_stages`` steps,
-    which keeps ``num_stages - 1`` tiles of each in shared memory ahead of the one in use (on
-    the H200, 128-key tiles at D=128 asked for 264 KiB with 5 stages and fit with 4)."""
+    which keeps ``num_stages - 1`` tiles of each in shared memory ahead of the one in use."""
     from sbbench.kernels.triton_sb.decode import _check_decode_launch
 
     try:
