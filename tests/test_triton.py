@@ -79,6 +79,60 @@ def test_any_strides_transposed_input(device):
     assert max(errors.values()) < TOL[torch.float32], errors
 
 
+def _forward_backward(q, k, v, attend_current, config, cu_seqlens=None, max_seqlen=None):
+    """o, rem and the gradients of a fixed random projection of them."""
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    o, rem = sb_attn(q, k, v, 1 / math.sqrt(q.shape[-1]), attend_current, backend="triton", cu_seqlens=cu_seqlens,
+                     max_seqlen=max_seqlen, config=config)
+    gen = torch.Generator().manual_seed(1)
+    do, drem = (torch.randn(x.shape, generator=gen).to(x.device, x.dtype) for x in (o, rem))
+    grads = torch.autograd.grad((o * do).sum() + (rem * drem).sum(), (q, k, v))
+    return (o.detach(), rem.detach(), *grads)
+
+
+POINTER_LOADS = {"fwd_loads": "pointer", "bwd_loads": "pointer"}
+TMA_LOADS = {"fwd_loads": "tma", "bwd_loads": "tma"}
+
+
+@pytest.mark.parametrize("attend_current", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_tma_loads_read_what_pointer_loads_read(varlen, attend_current, device):
+    # D=80 and T=45: the descriptors' zero fill past the head dim and past the sequence end
+    # stands in for the pointer loads' masks; GQA (4 heads over 2); packed sequences each get
+    # their own descriptor bounds. The backward's q and dO tiles past the sequence end as well.
+    if varlen:
+        lengths = [23, 1, 40]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        q, k, v = _inputs((sum(lengths), 4, 80), 2, torch.float16, device)
+        extra = dict(cu_seqlens=cu, max_seqlen=max(lengths))
+    else:
+        q, k, v = _inputs((2, 4, 45, 80), 2, torch.float16, device)
+        extra = {}
+    assert triton_op.tma_loads_possible(q, k, v)
+    pointer = _forward_backward(q, k, v, attend_current, {**SMALL, **POINTER_LOADS}, **extra)
+    tma = _forward_backward(q, k, v, attend_current, {**SMALL, **TMA_LOADS}, **extra)
+    for mine, ref in zip(tma, pointer):
+        if device == "cpu":  # the interpreter: same values loaded, same arithmetic
+            assert torch.equal(mine, ref)
+        else:  # the GPU compiles each its own way; both are held to the oracle elsewhere
+            torch.testing.assert_close(mine, ref, rtol=2e-3, atol=2e-3)
+    errors = _compare(q, k, v, attend_current, {**SMALL, **TMA_LOADS}, **extra)
+    assert max(errors.values()) < TOL[torch.float16], errors
+
+
+def test_tma_loads_fall_back_where_the_layout_forbids_them(device):
+    q, k, v = _inputs((1, 2, 37, 24), 2, torch.float16, device)  # rows of 48 bytes
+    assert triton_op.tma_loads_possible(k, v)
+    odd = _inputs((1, 2, 37, 20), 2, torch.float16, device)  # rows of 40 bytes: not a multiple of 16
+    offset = torch.randn(1, 2, 37, 25, device=device).to(torch.float16)[..., 1:]  # base 2 bytes in
+    assert not triton_op.tma_loads_possible(*odd[1:])
+    assert not triton_op.tma_loads_possible(offset)
+    for q, k, v in (odd, (offset, offset, offset)):
+        pointer = _forward_backward(q, k, v, False, {**SMALL, **POINTER_LOADS})
+        tma = _forward_backward(q, k, v, False, {**SMALL, **TMA_LOADS})
+        assert all(torch.equal(a, b) for a, b in zip(tma, pointer))
+
+
 @pytest.mark.parametrize("scan", ["dot", "cumsum"])
 def test_block_skipping_bounded_and_consistent(scan, device):
     """Peaked logits use the stick up within a few keys: the forward stops early, its error stays

@@ -272,6 +272,18 @@ def _state_offset(row, BLOCK_N: tl.constexpr):
     return BLOCK_N * (qb * (qb + 1) // 2) + (row % BLOCK_N) * (qb + 1)
 
 
+@triton.jit
+def _kv_source(base, seqlen, stride_t, offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What ``_fwd_block`` loads a head's key or value blocks from: a tensor descriptor of its
+    [seqlen, HEAD_DIM] rows (TMA), or the pointer tile of its first block."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        return base + offs_n[:, None] * stride_t + offs_d[None, :]
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -283,14 +295,22 @@ def _fwd_block(
     stride_kt, stride_vt, tri_suffix,
     MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """One key block of the forward walk. With TMA, ``k_ptrs``/``v_ptrs`` are tensor
+    descriptors of the head's [seqlen, HEAD_DIM] keys and values (``_kv_source``), which fill
+    what lies past either bound with zeros; otherwise pointer tiles at key 0."""
     keys = start_n + offs_n
-    if MASKED:
-        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    if TMA:
+        k = k_ptrs.load([start_n, 0])
+        v = v_ptrs.load([start_n, 0])
     else:
-        kv_mask = offs_d[None, :] < HEAD_DIM
-    k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        if MASKED:
+            kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = offs_d[None, :] < HEAD_DIM
+        k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
     if MASKED:
         if ATTEND_CURRENT:
@@ -323,6 +343,7 @@ def sb_fwd_kernel(
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, SKIP: tl.constexpr,
     SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(
         CU_SEQLENS, T_dense, num_heads, group, num_pairs, sched_pairs, BLOCK_M, IS_VARLEN
@@ -343,8 +364,8 @@ def sb_fwd_kernel(
         q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
-    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = _kv_source(k_base, seqlen, stride_kt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_ptrs = _kv_source(v_base, seqlen, stride_vt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
 
     tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -356,7 +377,7 @@ def sb_fwd_kernel(
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n, offs_d, seqlen,
             HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
-            PRECISION, ACCURATE,
+            PRECISION, ACCURATE, TMA,
         )
 
     n_hi = n_unmasked_top
@@ -376,7 +397,7 @@ def sb_fwd_kernel(
                 acc, carry = _fwd_block(
                     acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
                     seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT,
-                    BLOCK_N, BLOCK_D, SCAN, PRECISION, ACCURATE,
+                    BLOCK_N, BLOCK_D, SCAN, PRECISION, ACCURATE, TMA,
                 )
             n_hi = tl.where(live, n_lo - 1, n_hi)
             live = live & (tl.min(tl.where(row_ok, carry.to(tl.float32), float("inf")), 0) <= skip_threshold)
@@ -385,7 +406,7 @@ def sb_fwd_kernel(
             acc, carry = _fwd_block(
                 acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
                 seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
-                BLOCK_D, SCAN, PRECISION, ACCURATE,
+                BLOCK_D, SCAN, PRECISION, ACCURATE, TMA,
             )
         n_hi = -1
     first_key = (n_hi + 1) * BLOCK_N
@@ -495,17 +516,22 @@ def _dq_block(
     total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr,
+    ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     """Key block n of the dQ walk. MASKED: some rows start right of the block's first key (their
-    ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end)."""
+    ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end). K and V come
+    as ``_kv_source`` gives them."""
     keys = n * BLOCK_N + offs_n
-    if CAUSAL:
-        kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    if TMA:
+        k = k_ptrs.load([n * BLOCK_N, 0])
+        v = v_ptrs.load([n * BLOCK_N, 0])
     else:
-        kv_mask = offs_d[None, :] < HEAD_DIM
-    k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
+        if CAUSAL:
+            kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = offs_d[None, :] < HEAD_DIM
+        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
     ns = (n * BLOCK_N) // STATE_N
     has_slot = row_ok & (ns <= offs_m // STATE_N)
     # P left of a state block is stored at the block's left edge ...
@@ -543,7 +569,7 @@ def sb_bwd_dq_kernel(
     T_dense, total_rows, state_total, num_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
     inv_temp, num_key_blocks, ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
-    PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+    PRECISION: tl.constexpr, ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
     # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
@@ -569,10 +595,8 @@ def sb_bwd_dq_kernel(
     do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
     drem = tl.load(dr_base + offs_m * stride_drt, mask=row_ok, other=0.0).to(tl.float32)
     aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
-    # Sum of sp2 over the visited keys (stored as float64; summed in float64 for float32 inputs).
+    # Sum of sp2 over the visited keys, as the forward summed it (float64 for float32 inputs).
     total = tl.load(LOGREM + aux, mask=row_ok, other=0.0)
-    if not ACCURATE:
-        total = total.to(tl.float32)
     stop = tl.load(STOP + aux, mask=row_ok, other=2147483647)
     drem_rem = drem * tl.exp2(-total.to(tl.float32))
     tl.store(DREM_REM + aux, drem_rem, mask=row_ok)
@@ -586,8 +610,8 @@ def sb_bwd_dq_kernel(
     # keys left of a row's first key are masked out.
     n_bottom = (tl.min(tl.where(row_ok, stop, 2147483647), 0) // STATE_N) * (STATE_N // BLOCK_N)
 
-    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = _kv_source(k_base, seqlen, stride_kt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    v_ptrs = _kv_source(v_base, seqlen, stride_vt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     tri_suffix = _scan_matrix(BLOCK_N, True)
     tri_prefix = _scan_matrix(BLOCK_N, False)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -608,21 +632,21 @@ def sb_bwd_dq_kernel(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE,
+            ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_whole), n_unmasked_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE,
+            ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE,
+            ACCURATE, TMA,
         )
     dq = dq * inv_temp
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
@@ -639,15 +663,21 @@ def _dkdv_tile(
     stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr,
+    ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     """dK and dV of the key block from query tile m of one head. MASKED: some row may start
-    right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal."""
+    right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal.
+    With TMA, ``q_head`` and ``do_head`` are tensor descriptors of the head's rows, else
+    pointers to its first row."""
     offs_m = m * BLOCK_M + offs_mm
     row_ok = offs_m < seqlen
-    md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
-    do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
+    if TMA:
+        q = q_head.load([m * BLOCK_M, 0])
+        do = do_head.load([m * BLOCK_M, 0])
+    else:
+        md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
     drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
     if MASKED:
         stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
@@ -690,7 +720,7 @@ def sb_bwd_dkdv_kernel(
     inv_temp, num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr,
+    ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     # Key block 0 sees every query tile: the most work, launched first.
     pid_n, pid_bhk, _ = _work_order(num_pairs, sched_pairs)
@@ -734,27 +764,33 @@ def sb_bwd_dkdv_kernel(
     m_masked_end = tl.where(start_n < tl.load(MAX_STOP + pid_bhk), m_last + 1, m_from)
     for hg in range(0, group):
         pid_h = pid_hk * group + hg
-        q_head = q_base + pid_h * stride_qh
-        do_head = do_base + pid_h * stride_doh
+        if TMA:
+            q_head = tl.make_tensor_descriptor(q_base + pid_h * stride_qh, shape=[seqlen, HEAD_DIM],
+                                               strides=[stride_qt, 1], block_shape=[BLOCK_M, BLOCK_D])
+            do_head = tl.make_tensor_descriptor(do_base + pid_h * stride_doh, shape=[seqlen, HEAD_DIM],
+                                                strides=[stride_dot, 1], block_shape=[BLOCK_M, BLOCK_D])
+        else:
+            q_head = q_base + pid_h * stride_qh
+            do_head = do_base + pid_h * stride_doh
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
+                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
             )
         for m in range(m_from, m_masked_end):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
+                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
             )
         for m in range(m_masked_end, m_last + 1):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE,
+                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
             )
     dk = dk * inv_temp
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)

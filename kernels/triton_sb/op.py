@@ -65,15 +65,16 @@ def launch_options(
             common, SKIP=c["skip_log2"] is not None,
             SKIP_CHECK_TILES=max(1, c["skip_check_keys"] // c["fwd_BLOCK_N"]), SKIP_LEVELS=c["skip_checks"],
             BLOCK_M=c["fwd_BLOCK_M"], BLOCK_N=c["fwd_BLOCK_N"], num_warps=c["fwd_num_warps"],
-            num_stages=c["fwd_num_stages"],
+            num_stages=c["fwd_num_stages"], TMA=c["fwd_loads"] == "tma",
         ),
         "bwd_dq": dict(
             common, BLOCK_M=c["bwd_BLOCK_M"], BLOCK_N=c["bwd_BLOCK_N"], STATE_N=c["bwd_dkdv_BLOCK_N"],
-            num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], **_register_cap(c["bwd_maxnreg"]),
+            num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], TMA=c["bwd_loads"] == "tma",
+            **_register_cap(c["bwd_maxnreg"]),
         ),
         "bwd_dkdv": dict(
             common, BLOCK_M=c["bwd_dkdv_BLOCK_M"], BLOCK_N=c["bwd_dkdv_BLOCK_N"],
-            num_warps=c["bwd_dkdv_num_warps"], num_stages=c["bwd_dkdv_num_stages"],
+            num_warps=c["bwd_dkdv_num_warps"], num_stages=c["bwd_dkdv_num_stages"], TMA=c["bwd_loads"] == "tma",
             **_register_cap(c["bwd_dkdv_maxnreg"]),
         ),
     }
@@ -90,9 +91,43 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def tma_loads_possible(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read these: a Hopper or later GPU (or the interpreter, which
+    emulates them), every base address and every stride but the last (contiguous) one a positive
+    multiple of 16 bytes, as the tensor memory accelerator requires."""
+    device = tensors[0].device
+    if device.type == "cuda" and (torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    for x in tensors:
+        if x.data_ptr() % 16 or any(stride <= 0 or (stride * x.element_size()) % 16 for stride in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_descriptor_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need global scratch for them, which
+    triton takes from the allocator set for the calling thread (none by default). A caller's
+    own allocator is kept."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_descriptor_scratch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
+
+
+def _logrem_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the forward keeps of each row's log-stick for the backward: the running sum it
+    formed, float64 for float32 inputs and float32 otherwise (kernels._row_sum), so that
+    fp16/bf16 keep 4 bytes a row where 8 would add nothing."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
 
 
 @torch.library.custom_op("sbbench::triton_sb_fwd", mutates_args=())
@@ -106,7 +141,7 @@ def triton_sb_fwd(
     max_seqlen: int,
     cfg: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, rem, log2 of 1/rem in float64, first visited key per row) for one call."""
+    """Returns (o, rem, log2 of 1/rem, first visited key per row) for one call."""
     config = config_from_list(cfg)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     varlen = cu_seqlens is not None
@@ -114,11 +149,15 @@ def triton_sb_fwd(
     head_dim = q.shape[-1]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     rem = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)  # (B, H, T) or (total, H)
-    logrem = torch.empty((heads, rows), dtype=torch.float64, device=q.device)
+    logrem = torch.empty((heads, rows), dtype=_logrem_dtype(q.dtype), device=q.device)
     stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
+    if options["TMA"]:
+        options["TMA"] = tma_loads_possible(k, v)
+        if options["TMA"]:
+            ensure_descriptor_allocator()
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
         Q=q, K=k, V=v, O=o, REM=rem, LOGREM=logrem, STOP=stop,
@@ -139,7 +178,7 @@ def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
     return (
         q.new_empty(q.shape),
         q.new_empty(q.shape[:-1]),
-        q.new_empty((heads, rows), dtype=torch.float64),
+        q.new_empty((heads, rows), dtype=_logrem_dtype(q.dtype)),
         q.new_empty((heads, rows), dtype=torch.int32),
     )
 
@@ -234,6 +273,11 @@ def triton_sb_bwd(
     state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)
+    if options["bwd_dq"]["TMA"]:
+        tma = tma_loads_possible(q, k, v, do)
+        options = {name: {**kernel, "TMA": tma} for name, kernel in options.items()}
+        if tma:
+            ensure_descriptor_allocator()
     # Arguments both kernels of every launch take alike.
     shared = dict(
         CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do

@@ -18,6 +18,7 @@ from sbbench.core.registry import Param, Rule
 # skip_log2 travels as this (or anything below it) when block skipping is off (None).
 SKIP_OFF = -(10**6)
 SCAN_CODES = {"dot": 1, "cumsum": 0}
+LOADS_CODES = {"pointer": 0, "tma": 1}
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ REGISTER_CAP = Rule(lambda v: _is_integer(v) and (v == 0 or 24 <= v <= 255), "0 
 SKIP_THRESHOLD = Rule(lambda v: v is None or (_is_integer(v) and v < 0), "None (no skipping) or a negative integer")
 POSITIVE = Rule(lambda v: _is_integer(v) and v >= 1, "a positive integer")
 SKIP_LEVELS = Rule(lambda v: _is_integer(v) and 1 <= v <= 8, "an integer in 1..8")
-SCAN = Rule(lambda v: isinstance(v, str) and v in SCAN_CODES, f"one of {sorted(SCAN_CODES)}")
 
 
 def _encode_skip(value: int | None) -> int:
@@ -55,12 +55,13 @@ def _decode_skip(code: int) -> int | None:
     return None if code <= SKIP_OFF else code
 
 
-_SCAN_NAMES = {code: name for name, code in SCAN_CODES.items()}
-
-
-def _decode_scan(code: int) -> Any:
+def _named(name: str, codes: Mapping[str, int], pass_: str, default: str) -> LaunchParam:
+    """A parameter whose values are names, travelling as the int ``codes`` gives each."""
+    names = {code: value for value, code in codes.items()}
+    rule = Rule(lambda v: isinstance(v, str) and v in codes, f"one of {sorted(codes)}")
     # An unknown code decodes to itself, which the rule then rejects by name.
-    return _SCAN_NAMES.get(code, code)
+    return LaunchParam(name, tuple(codes), pass_, default, rule, encode=codes.__getitem__,
+                       decode=lambda code: names.get(code, code))
 
 
 def _tile(name: str, choices: tuple[int, ...], pass_: str, default: int) -> LaunchParam:
@@ -100,7 +101,12 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     LaunchParam("skip_checks", (1, 2, 3, 5), "fwd", 1, SKIP_LEVELS),
     # The within-block suffix sum: a product with a 0/1 matrix on the tensor cores ("dot"), or
     # tl.cumsum. float32 inputs always use tl.cumsum (see kernels.py).
-    LaunchParam("scan", ("dot", "cumsum"), "fwd", "dot", SCAN, encode=SCAN_CODES.__getitem__, decode=_decode_scan),
+    _named("scan", SCAN_CODES, "fwd", "dot"),
+    # How the forward reads K and V: per-thread pointer loads (cp.async), or the tensor memory
+    # accelerator through a tensor descriptor per (sequence, kv head), which takes the address
+    # arithmetic and the bounds masks off the threads. Hopper and later; elsewhere, and for
+    # tensors whose base or strides are not 16-byte aligned (TMA's rule), the pointer loads run.
+    _named("fwd_loads", LOADS_CODES, "fwd", "pointer"),
     # Backward, the dQ kernel's launch.
     _tile("bwd_BLOCK_M", (16, 32, 64, 128), "bwd", 64),
     _tile("bwd_BLOCK_N", (16, 32, 64, 128), "bwd", 32),
@@ -120,6 +126,9 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     LaunchParam("bwd_dkdv_num_stages", (1, 2, 3), "bwd", 1, STAGES),
     _register_cap("bwd_maxnreg"),
     _register_cap("bwd_dkdv_maxnreg"),
+    # How the backward reads the blocks it walks (K and V in the dQ kernel, q and dO in the dK/dV
+    # kernel), as fwd_loads for the forward.
+    _named("bwd_loads", LOADS_CODES, "bwd", "pointer"),
 )
 
 CONFIG_SPACE: tuple[Param, ...] = LAUNCH_PARAMS

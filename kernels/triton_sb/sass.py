@@ -32,12 +32,12 @@ from triton.compiler import ASTSource
 
 from sbbench.kernels.triton_sb import kernels
 from sbbench.kernels.triton_sb.op import launch_options
-from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, config_from_list, config_to_list
+from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, LAUNCH_PARAMS, config_from_list, config_to_list
 
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
 # Element types of the pointer arguments that are not the inputs' dtype.
 _POINTER_TYPES = {
-    "STOP": "*i32", "CU_SEQLENS": "*i32", "ROW_HI": "*i32", "MAX_STOP": "*i32", "CU_STATES": "*i64", "LOGREM": "*fp64",
+    "STOP": "*i32", "CU_SEQLENS": "*i32", "ROW_HI": "*i32", "MAX_STOP": "*i32", "CU_STATES": "*i64",
     "DREM_REM": "*fp32", "STATE_R": "*fp32", "STATE_P": "*fp32",
 }
 _FLOAT_SCALARS = {"scale2", "inv_temp", "skip_threshold"}
@@ -86,6 +86,8 @@ def _signature(fn, constexprs: Mapping[str, Any], dtype: str) -> tuple[dict, dic
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "LOGREM":  # op._logrem_dtype
+            signature[name] = "*fp64" if dtype == "fp32" else "*fp32"
         elif name.isupper():
             signature[name] = _POINTER_TYPES.get(name, "*" + dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         name, _, value = item.partition("=")
         if name not in CONFIG_FIELDS:
             parser.error(f"--config: unknown parameter {name!r}")
-        if name == "scan":
+        if isinstance(next(p for p in LAUNCH_PARAMS if p.name == name).default, str):
             config[name] = value
         elif name == "skip_log2" and value.lower() == "none":
             config[name] = None
