@@ -141,7 +141,7 @@ def sb_decode_split_kernel(
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (blk_hi - 1 - i) * BLOCK_N, position, offs_n, offs_d, context,
             HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
-            PRECISION, ACCURATE,
+            PRECISION, ACCURATE, False,
         )
     blk = blk_hi - 1 - n_masked  # the next block to visit, walking left
 
@@ -162,7 +162,7 @@ def sb_decode_split_kernel(
                 acc, carry = _fwd_block(
                     acc, carry, q, k_ptrs, v_ptrs, (blk - i) * BLOCK_N, position, offs_n, offs_d, context,
                     HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
-                    BLOCK_D, SCAN, PRECISION, ACCURATE,
+                    BLOCK_D, SCAN, PRECISION, ACCURATE, False,
                 )
             blk = tl.where(live, lo - 1, blk)
             if level < SKIP_LEVELS:
@@ -177,7 +177,7 @@ def sb_decode_split_kernel(
             acc, carry = _fwd_block(
                 acc, carry, q, k_ptrs, v_ptrs, (blk - i) * BLOCK_N, position, offs_n, offs_d, context,
                 HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
-                BLOCK_D, SCAN, PRECISION, ACCURATE,
+                BLOCK_D, SCAN, PRECISION, ACCURATE, False,
             )
         blk = blk_lo - 1
     # Keys of this split left unread (whole blocks: the masked ones are always read).
@@ -213,7 +213,10 @@ def sb_decode_merge_kernel(
     once: split s is weighted by the stick the splits nearer than it left, a suffix sum of the
     log2-sticks. A loop over splits would wait on each split's loads in turn (its mask depends
     on the stick so far), one memory round trip per split. A row drops a split once the stick of
-    the nearer ones is below 2^skip_log2, exactly where the split kernel may have stopped it."""
+    the nearer ones is below 2^skip_log2, exactly where the split kernel may have stopped it.
+    The partial outputs are loaded whether or not their split is dropped (every split writes
+    its own, finite, even when it read no key), so that their load does not wait for the
+    sticks': both are in flight at once, one memory round trip instead of two."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
     b = rows // (num_heads * new_tokens)
@@ -222,7 +225,8 @@ def sb_decode_merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     splits = tl.arange(0, SPLITS_P2)
     part = splits[:, None].to(tl.int64) * total_rows + rows[None, :]  # (splits, rows)
-    use = (splits[:, None] < num_splits) & row_ok[None, :]
+    written = (splits[:, None] < num_splits) & row_ok[None, :]
+    use = written
     lr = tl.load(LR_PART + part, mask=use, other=0.0)
     if not ACCURATE:
         lr = lr.to(tl.float32)
@@ -231,7 +235,7 @@ def sb_decode_merge_kernel(
     if SKIP:
         use = use & (nearer <= skip_threshold)
     weight = tl.where(use, tl.exp2(-nearer.to(tl.float32)), 0.0)
-    o_mask = use[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
+    o_mask = written[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
     o = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=o_mask, other=0.0)
     acc = tl.sum(weight[:, :, None] * o, axis=0)
     stick = tl.sum(tl.where(use, lr, 0.0), axis=0)
