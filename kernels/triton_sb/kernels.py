@@ -762,10 +762,15 @@ def sb_bwd_dkdv_kernel(
     m_below = tl.cdiv(start_n + BLOCK_N - ATTEND_CURRENT, BLOCK_M)
     m_from = tl.maximum(m_first, m_below)
     m_masked_end = tl.where(start_n < tl.load(MAX_STOP + pid_bhk), m_last + 1, m_from)
-    # A block no query tile reached (block skipping stopped every walk right of it) visits no
-    # head: its tile loops would all be empty, but the heads' tensor descriptors would still be
-    # built, a global write and a fence each, in what is most programs when most keys are skipped.
-    for hg in range(0, tl.where(m_last >= m_first, group, 0)):
+    # With TMA, a block no query tile reached (block skipping stopped every walk right of it)
+    # visits no head: its tile loops would all be empty, but the heads' tensor descriptors would
+    # still be built, a global write and a fence each, in what is most programs when most keys
+    # are skipped. The pointer loads keep the plain loop, which the compiler schedules better.
+    if TMA:
+        heads_visited = tl.where(m_last >= m_first, group, 0)
+    else:
+        heads_visited = group
+    for hg in range(0, heads_visited):
         pid_h = pid_hk * group + hg
         if TMA:
             q_head = tl.make_tensor_descriptor(q_base + pid_h * stride_qh, shape=[seqlen, HEAD_DIM],
