@@ -8,7 +8,8 @@
 #
 # Several steps may be given at once (`bash ci/gpu_gate.sh bench gate`). <device> is
 # torch.cuda.get_device_name() with spaces as underscores. Environment: SWEEP (default
-# sbbench/sweeps/gate_<device>.json when the device has one, else sbbench/sweeps/gate.json), CURRENT (default current.json), BASELINE (default
+# sbbench/sweeps/gate_<device>.json when the device has one, else sbbench/sweeps/gate.json), SEED (the inputs' seed,
+# default 0), CURRENT (default current.json), BASELINE (default
 # reports/<device>/bench.json), GATE_JSON (default gate.json), REPORT_DIR (default report-current).
 # Exit status: sbbench's (gate: 1 on a regression, 2 on unusable input); a GPU without a committed
 # baseline is a warning, not a failure, so a new device can run CI before its baseline exists.
@@ -41,7 +42,8 @@ for step in "$@"; do
       sweep=${SWEEP:-sbbench/sweeps/gate_$(device_stem).json}
       [ -f "$sweep" ] || sweep=sbbench/sweeps/gate.json
       echo "sweep: $sweep"
-      sbbench bench --sweep "$sweep" --json "$CURRENT" --no-progress
+      # A fixed seed: the same inputs in every run (packed varlen lengths are drawn from it).
+      sbbench bench --sweep "$sweep" --seed "${SEED:-0}" --json "$CURRENT" --no-progress
       ;;
     gate)
       baseline=${BASELINE:-reports/$(device_stem)/bench.json}

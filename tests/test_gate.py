@@ -328,3 +328,27 @@ def test_committed_gate_settings_are_valid():
     with pytest.raises(GateInputError):
         GateSettings(threshold=float("nan"))
 
+
+
+@pytest.mark.parametrize("seeds", [(None, None), (0, None), (0, 1)])
+def test_varlen_rows_drawn_from_different_seeds_are_not_judged(seeds):
+    """Packed varlen lengths come from the seed: a 30% change between rows of different seeds (or
+    none) compares two workloads, so it is noise with that note; dense rows are judged as ever."""
+    bseed, cseed = seeds
+    base = [bench_row(varlen=True, latency=1.0, seed=bseed), bench_row(seqlen=8192, latency=1.0, seed=bseed)]
+    cur = [bench_row(varlen=True, latency=1.3, seed=cseed), bench_row(seqlen=8192, latency=1.3, seed=cseed)]
+    result = compare_rows(base, cur)
+    by_varlen = {c.key["varlen"]: c for c in result.comparisons}
+    assert by_varlen[True].status == NOISE and "different inputs" in by_varlen[True].note
+    assert by_varlen[False].status == REGRESSION
+
+
+def test_varlen_rows_of_one_seed_are_judged():
+    base = [bench_row(varlen=True, latency=1.0, seed=0)]
+    cur = [bench_row(varlen=True, latency=1.3, seed=0)]
+    assert compare_rows(base, cur).comparisons[0].status == REGRESSION
+
+
+def test_a_malformed_seed_is_named():
+    with pytest.raises(GateInputError, match="seed must be an integer or null, got 'x'"):
+        compare_rows([bench_row(seed="x")], [bench_row()])

@@ -21,6 +21,10 @@ row, and ``change = c.m / b.m - 1``, a row is
   ``max_spread`` times its median: reported, never failing;
 * **unchanged** otherwise.
 
+A packed varlen row draws its sequence lengths at random from its seed, so a regression or
+improvement between varlen rows whose seeds differ (or were not set) compares two workloads, not
+two codes: it is reported as noise with that note. ``ci/gpu_gate.sh`` benches with a fixed seed.
+
 The two conditions guard against different things. The spread test rejects differences the
 measurements themselves cannot resolve (a noisy row whose repetitions scatter by 20% cannot show a
 10% slowdown). The threshold rejects the drift between two runs that no single run's spread sees
@@ -69,6 +73,9 @@ BROKEN_STATUSES = ("oom", "error", "failed")
 STATUSES = (REGRESSION, IMPROVEMENT, NOISE, UNCHANGED, MISSING_CURRENT, MISSING_BASELINE)
 
 GATE_JSON_VERSION = 1
+# A packed varlen row's sequence lengths are drawn from its seed: rows with different seeds, or
+# none, timed different workloads and are never judged against each other.
+_UNSEEDED_VARLEN = "different inputs: packed lengths drawn from seed {} (baseline) and {} (current)"
 
 
 class GateInputError(ValueError):
@@ -151,6 +158,7 @@ class RowTiming:
     q80_ms: float
     has_spread: bool
     repeats: int = 1  # how many ok rows shared this key (the fastest is kept)
+    seed: int | None = None  # the inputs' seed (None: drawn at random)
 
 
 @dataclass
@@ -234,7 +242,10 @@ def _timing(row: Mapping[str, Any], path: Path, index: int) -> RowTiming:
     # interval must contain the median for the overlap test to mean anything.
     lo = min(q20, median) if q20 is not None else median
     hi = max(q80, median) if q80 is not None else median
-    return RowTiming(float(median), float(lo), float(hi), has_spread)
+    seed = row.get("seed")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
+        raise GateInputError(f"{where}: seed must be an integer or null, got {seed!r}")
+    return RowTiming(float(median), float(lo), float(hi), has_spread, seed=seed)
 
 
 def _bench_rows(
@@ -258,7 +269,8 @@ def _bench_rows(
     usable = {}
     for key, found in timings.items():
         fastest = min(found, key=lambda t: t.median_ms)
-        usable[key] = RowTiming(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found))
+        usable[key] = RowTiming(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found),
+                                fastest.seed)
     return usable, {k: v for k, v in unusable.items() if k not in usable}
 
 
@@ -369,6 +381,8 @@ def compare_rows(
                 result.comparisons.append(RowComparison(named, MISSING_CURRENT, baseline=b, note=note))
         else:
             status, note = _classify(b, c, settings)
+            if named.get("varlen") and status in (REGRESSION, IMPROVEMENT) and (b.seed is None or b.seed != c.seed):
+                status, note = NOISE, _UNSEEDED_VARLEN.format(b.seed, c.seed)
             change = c.median_ms / b.median_ms - 1
             result.comparisons.append(RowComparison(named, status, b, c, change, note))
     return result
