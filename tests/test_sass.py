@@ -16,14 +16,30 @@ if not os.path.exists(sass._tool("ptxas")) or not os.path.exists(sass._tool("nvd
     pytest.skip("the triton wheel here ships no ptxas/nvdisasm", allow_module_level=True)
 
 
-@pytest.fixture(scope="module", params=[64, 128])
-def builds(request):
+def _build(head_dim: int, *config: str) -> dict:
     # A subprocess without TRITON_INTERPRET: the kernels of this test process are interpreted ones.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    flags = [arg for item in config for arg in ("--config", item)]
     out = subprocess.run([sys.executable, "-m", "sbbench.kernels.triton_sb.sass", "--json", "--head-dim",
-                          str(request.param)], capture_output=True, text=True, env=env, timeout=300)
+                          str(head_dim), *flags], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return {b["kernel"]: sass.from_json(b) for b in json.loads(out.stdout)}
+
+
+@pytest.fixture(scope="module", params=[64, 128])
+def builds(request):
+    return _build(request.param)
+
+
+def test_tma_loads_replace_the_walked_tiles_copies():
+    """fwd_loads / bwd_loads = "tma": each hot loop issues one bulk tensor copy per walked tile
+    (K and V in the forward and dQ kernels, q and dO in the dK/dV kernel) and no per-thread
+    cp.async copies, which is what takes the address and mask arithmetic off the threads."""
+    for kernel, b in _build(128, "fwd_loads=tma", "bwd_loads=tma").items():
+        loops = b.hot_loops()
+        assert loops, kernel
+        for loop in loops:
+            assert loop.count("UTMALDG") == 2 and loop.count("LDGSTS") == 0, (kernel, loop.opcodes.most_common(12))
 
 
 def test_tile_loads_are_vectorised(builds):
