@@ -765,7 +765,8 @@ def sb_bwd_dkdv_kernel(
     # With TMA, a block no query tile reached (block skipping stopped every walk right of it)
     # visits no head: its tile loops would all be empty, but the heads' tensor descriptors would
     # still be built, a global write and a fence each, in what is most programs when most keys
-    # are skipped. The pointer loads keep the plain loop, which the compiler schedules better.
+    # are skipped. The pointer loads keep the plain loop: with the skip, their T=4096 backward
+    # measured 3-4% slower on the H200 (reports/NVIDIA_H200/README.md, Hopper levers).
     if TMA:
         heads_visited = tl.where(m_last >= m_first, group, 0)
     else:
