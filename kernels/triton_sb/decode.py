@@ -226,14 +226,12 @@ def sb_decode_merge_kernel(
     splits = tl.arange(0, SPLITS_P2)
     part = splits[:, None].to(tl.int64) * total_rows + rows[None, :]  # (splits, rows)
     written = (splits[:, None] < num_splits) & row_ok[None, :]
-    use = written
-    lr = tl.load(LR_PART + part, mask=use, other=0.0)
+    lr = tl.load(LR_PART + part, mask=written, other=0.0)
     if not ACCURATE:
         lr = lr.to(tl.float32)
     # Split num_splits - 1 is the nearest: what the nearer splits left is a reverse suffix sum.
     nearer = tl.cumsum(lr, axis=0, reverse=True) - lr
-    if SKIP:
-        use = use & (nearer <= skip_threshold)
+    use = written & (nearer <= skip_threshold) if SKIP else written
     weight = tl.where(use, tl.exp2(-nearer.to(tl.float32)), 0.0)
     o_mask = written[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
     o = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=o_mask, other=0.0)

@@ -273,13 +273,20 @@ def _state_offset(row, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _rows_descriptor(base, seqlen, stride_t, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tensor descriptor of one head's [seqlen, HEAD_DIM] rows read BLOCK rows at a time; what
+    lies past either bound loads as zeros."""
+    return tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride_t, 1],
+                                     block_shape=[BLOCK, BLOCK_D])
+
+
+@triton.jit
 def _kv_source(base, seqlen, stride_t, offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     """What ``_fwd_block`` loads a head's key or value blocks from: a tensor descriptor of its
     [seqlen, HEAD_DIM] rows (TMA), or the pointer tile of its first block."""
     if TMA:
-        return tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride_t, 1],
-                                         block_shape=[BLOCK_N, BLOCK_D])
+        return _rows_descriptor(base, seqlen, stride_t, HEAD_DIM, BLOCK_N, BLOCK_D)
     else:
         return base + offs_n[:, None] * stride_t + offs_d[None, :]
 
@@ -774,10 +781,8 @@ def sb_bwd_dkdv_kernel(
     for hg in range(0, heads_visited):
         pid_h = pid_hk * group + hg
         if TMA:
-            q_head = tl.make_tensor_descriptor(q_base + pid_h * stride_qh, shape=[seqlen, HEAD_DIM],
-                                               strides=[stride_qt, 1], block_shape=[BLOCK_M, BLOCK_D])
-            do_head = tl.make_tensor_descriptor(do_base + pid_h * stride_doh, shape=[seqlen, HEAD_DIM],
-                                                strides=[stride_dot, 1], block_shape=[BLOCK_M, BLOCK_D])
+            q_head = _rows_descriptor(q_base + pid_h * stride_qh, seqlen, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D)
+            do_head = _rows_descriptor(do_base + pid_h * stride_doh, seqlen, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D)
         else:
             q_head = q_base + pid_h * stride_qh
             do_head = do_base + pid_h * stride_doh

@@ -118,6 +118,15 @@ def ensure_descriptor_allocator() -> None:
         triton.set_allocator(_descriptor_scratch)
 
 
+def _tma_loads(wanted: bool, *tensors: torch.Tensor) -> bool:
+    """Whether a launch whose config asks for TMA loads (``wanted``) gets them for these
+    tensors; when it does, the descriptors' scratch allocator is in place."""
+    if not (wanted and tma_loads_possible(*tensors)):
+        return False
+    ensure_descriptor_allocator()
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +163,7 @@ def triton_sb_fwd(
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
-    if options["TMA"]:
-        options["TMA"] = tma_loads_possible(k, v)
-        if options["TMA"]:
-            ensure_descriptor_allocator()
+    options["TMA"] = _tma_loads(options["TMA"], k, v)
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
         Q=q, K=k, V=v, O=o, REM=rem, LOGREM=logrem, STOP=stop,
@@ -273,11 +279,9 @@ def triton_sb_bwd(
     state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)
-    if options["bwd_dq"]["TMA"]:
-        tma = tma_loads_possible(q, k, v, do)
-        options = {name: {**kernel, "TMA": tma} for name, kernel in options.items()}
-        if tma:
-            ensure_descriptor_allocator()
+    tma = _tma_loads(options["bwd_dq"]["TMA"], q, k, v, do)
+    for kernel in ("bwd_dq", "bwd_dkdv"):
+        options[kernel]["TMA"] = tma
     # Arguments both kernels of every launch take alike.
     shared = dict(
         CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do

@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -269,8 +269,7 @@ def _bench_rows(
     usable = {}
     for key, found in timings.items():
         fastest = min(found, key=lambda t: t.median_ms)
-        usable[key] = RowTiming(fastest.median_ms, fastest.q20_ms, fastest.q80_ms, fastest.has_spread, len(found),
-                                fastest.seed)
+        usable[key] = replace(fastest, repeats=len(found))
     return usable, {k: v for k, v in unusable.items() if k not in usable}
 
 
