@@ -9,6 +9,8 @@ in o and rem (skip_bound)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from sbbench import sb_attn_with_kvcache
@@ -137,3 +139,18 @@ def test_gpu_decode_is_not_pruned_against_its_own_timing():
     again = measure_decode("triton", case, "dense", inputs=inputs, device="cuda",
                            prune_above_ms=2 * full["latency_ms"])
     assert again["status"] == "ok", again["error"]
+
+
+@given(tiles=st.integers(1, 40), capacity=st.integers(1, 200_000), block_n=st.sampled_from([16, 32, 64, 128]))
+@settings(max_examples=300, deadline=None)
+def test_auto_splits_leave_no_split_empty(tiles, capacity, block_n):
+    # Auto splitting fills the interpreter's stand-in SMs, and every split of the longest
+    # possible sequence gets at least one block: an empty split would be a program that reads
+    # nothing and a wider merge.
+    from sbbench.kernels.triton_sb.decode import INTERPRETER_SMS, PROGRAMS_PER_SM, auto_splits
+
+    splits = auto_splits(tiles, capacity, block_n, torch.device("cpu"))
+    blocks = -(-capacity // block_n)
+    per_split = -(-blocks // splits)
+    assert 1 <= splits <= max(1, INTERPRETER_SMS * PROGRAMS_PER_SM // tiles)
+    assert (splits - 1) * per_split < blocks

@@ -296,11 +296,16 @@ def auto_splits(tiles: int, capacity: int, block_n: int, device: torch.device) -
     """Splits per (sequence, kv head, row tile) that fill one wave of resident programs
     (``PROGRAMS_PER_SM`` per SM), each split keeping at least ``MIN_BLOCKS_PER_SPLIT`` blocks of
     the cache's capacity. Without a host sync the kernel cannot know the longest context, so the
-    capacity (S_max) stands in for it; each sequence still divides its own keys evenly."""
+    capacity (S_max) stands in for it; each sequence still divides its own keys evenly. The
+    count is then lowered to the number of splits that get blocks: 33 splits of 512 blocks take
+    16 each and leave the 33rd empty, a program that reads nothing and a merge tile padded from
+    32 splits to 64."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
-    most = max(1, min(MAX_SPLITS, triton.cdiv(capacity, block_n) // MIN_BLOCKS_PER_SPLIT))
-    return max(1, min(most, (sms * PROGRAMS_PER_SM) // max(tiles, 1)))
+    blocks = triton.cdiv(capacity, block_n)
+    most = max(1, min(MAX_SPLITS, blocks // MIN_BLOCKS_PER_SPLIT))
+    splits = max(1, min(most, (sms * PROGRAMS_PER_SM) // max(tiles, 1)))
+    return triton.cdiv(blocks, triton.cdiv(blocks, splits))
 
 
 def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, f: Mapping[str, int]) -> dict[str, int]:
