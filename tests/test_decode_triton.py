@@ -154,3 +154,29 @@ def test_auto_splits_leave_no_split_empty(tiles, capacity, block_n):
     per_split = -(-blocks // splits)
     assert 1 <= splits <= max(1, INTERPRETER_SMS * PROGRAMS_PER_SM // tiles)
     assert (splits - 1) * per_split < blocks
+
+
+def test_merge_never_reads_a_dropped_split(device):
+    # A split the merge drops (the splits nearer than it used the stick up) contributes nothing,
+    # and its partial output need not be finite: NaN there must not reach o.
+    import triton
+
+    from sbbench.kernels.triton_sb.decode import sb_decode_merge_kernel
+
+    splits, rows, d = 4, 3, 32
+    gen = torch.Generator().manual_seed(0)
+    o_part = torch.randn(splits, 1, rows, 1, d, generator=gen)
+    lr_part = torch.full((splits, 1, rows, 1), 0.5)
+    lr_part[2] = 40.0  # split 2 uses the stick up: the farther splits 0 and 1 are dropped (skip at 2^-30)
+    o_part[:2] = float("nan")
+    o_part, lr_part = o_part.to(device), lr_part.to(device)
+    o = torch.empty(1, rows, 1, d, device=device)
+    rem = torch.empty(1, rows, 1, device=device)
+    sb_decode_merge_kernel[(1,)](
+        o_part, lr_part, o, rem, *o.stride()[:3], *rem.stride(), rows, rows, 1, splits, d, 30.0,
+        SKIP=True, BLOCK_R=4, BLOCK_D=d, SPLITS_P2=splits, ACCURATE=False, num_warps=4,
+    )
+    want = o_part[3] + 2.0**-0.5 * o_part[2]
+    assert torch.isfinite(o).all()
+    assert torch.allclose(o, want.view(1, rows, 1, d), atol=1e-6)
+    assert torch.allclose(rem, torch.full_like(rem, 2.0**-40.5))

@@ -214,9 +214,9 @@ def sb_decode_merge_kernel(
     log2-sticks. A loop over splits would wait on each split's loads in turn (its mask depends
     on the stick so far), one memory round trip per split. A row drops a split once the stick of
     the nearer ones is below 2^skip_log2, exactly where the split kernel may have stopped it.
-    The partial outputs are loaded whether or not their split is dropped (every split writes
-    its own, finite, even when it read no key), so that their load does not wait for the
-    sticks': both are in flight at once, one memory round trip instead of two."""
+    A dropped split's partial output is not loaded: it need not be finite (on an H200 a split
+    beyond a used-up stick left NaN in its partial in 5 of 24 checks of the mixed regime, and
+    0 * NaN would reach o), so its load waits for the sticks, a second memory round trip."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
     b = rows // (num_heads * new_tokens)
@@ -233,7 +233,7 @@ def sb_decode_merge_kernel(
     nearer = tl.cumsum(lr, axis=0, reverse=True) - lr
     use = written & (nearer <= skip_threshold) if SKIP else written
     weight = tl.where(use, tl.exp2(-nearer.to(tl.float32)), 0.0)
-    o_mask = written[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
+    o_mask = use[:, :, None] & (offs_d[None, None, :] < HEAD_DIM)
     o = tl.load(O_PART + part[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=o_mask, other=0.0)
     acc = tl.sum(weight[:, :, None] * o, axis=0)
     stick = tl.sum(tl.where(use, lr, 0.0), axis=0)
