@@ -51,10 +51,16 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    # A runner that starts the tests in the background (``cmd &`` in a script) leaves SIGINT
+    # ignored, and the child would inherit that: give it the default disposition back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_keeps_finished_rows_and_resume_runs_only_the_rest(tmp_path):
     out = tmp_path / "part.json"
     proc = subprocess.Popen(_sbbench("bench", *SWEEP, "--json", str(out)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 60
         seen: list[dict] | None = None

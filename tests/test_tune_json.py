@@ -22,8 +22,10 @@ def test_sigint_keeps_the_finished_trials_in_the_json_file(tmp_path):
            "--batch", "1", "--heads", "1", "--head-dim", "8", "--seqlens", "32", "--dtype", "float32",
            "--regime", "randn", "--sampler", "grid", "--trial-timeout", "60", "--check-seqlen", "32",
            "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--json", str(out), "--no-progress"]
+    # preexec_fn: SIGINT back to its default, which a runner starting the tests in the background
+    # (``cmd &`` in a script) leaves ignored for its children.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     rows: list = []
     while time.monotonic() < deadline and len(rows) < 2:
