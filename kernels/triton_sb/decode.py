@@ -214,9 +214,9 @@ def sb_decode_merge_kernel(
     log2-sticks. A loop over splits would wait on each split's loads in turn (its mask depends
     on the stick so far), one memory round trip per split. A row drops a split once the stick of
     the nearer ones is below 2^skip_log2, exactly where the split kernel may have stopped it.
-    A dropped split's partial output is not loaded: it need not be finite (on an H200 a split
-    beyond a used-up stick left NaN in its partial in 5 of 24 checks of the mixed regime, and
-    0 * NaN would reach o), so its load waits for the sticks, a second memory round trip."""
+    A dropped split's partial output is not loaded: it need not be finite (a split beyond a
+    used-up stick can leave NaN there, and 0 * NaN would reach o), so that load waits on the
+    sticks' load, a second memory round trip."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
     b = rows // (num_heads * new_tokens)
