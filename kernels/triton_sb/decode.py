@@ -24,15 +24,16 @@ instructions per byte read than the padded dot, and Triton pipelines the dot's o
 Block skipping (docs/design.md sections 3 and 9), in two ways that keep the result deterministic:
 
 - Within a split: once every row's own stick is below 2^skip_log2, the split stops walking left
-  (checked after ``skip_check_keys`` keys, then after twice as many more, and so on,
-  ``skip_checks`` times, each stretch a flat loop that Triton software-pipelines).
-- Across splits: at the same checks (and before its first block) a split publishes the smallest
-  log2-stick of its rows so far and reads what the nearer splits of its sequence have published.
-  Those are lower bounds of the nearer splits' totals, so once their sum passes -skip_log2 + 1,
-  the merge is certain to drop this split (it drops a split once the stick of the nearer ones
-  is below 2^skip_log2 for a row), and the split stops, or does no work at all if it starts
-  after the stick ran out. Which splits stop early depends on timing; the splits the merge keeps
-  never stopped for that reason, so the output does not.
+  (checked after ``skip_check_keys`` keys, one block more in odd splits, then after twice as
+  many more, and so on, ``skip_checks`` times, each stretch a flat loop that Triton
+  software-pipelines).
+- Across splits: at the same checks a split publishes the smallest log2-stick of its rows so far
+  and uses what the nearer splits of its sequence had published when the stretch began (read
+  then, so the read overlaps the stretch). Those are lower bounds of the nearer splits' totals,
+  so once their sum passes -skip_log2 + 1, the merge is certain to drop this split (it drops a
+  split once the stick of the nearer ones is below 2^skip_log2 for a row), and the split stops.
+  Which splits stop early depends on timing; the splits the merge keeps never stopped for that
+  reason, so the output does not.
 
 The dropped weights stay in the stick: o and rem are off by at most 2^skip_log2 (times max |v|).
 """
@@ -73,14 +74,13 @@ INTERPRETER_SMS = 4
 
 
 @triton.jit
-def _nearer_stick(PUBLISHED, pub_row, split, num_splits, SPLITS_P2: tl.constexpr):
-    """Sum of what the splits nearer than ``split`` have published (volatile: other programs
-    write it while this one runs)."""
+def _nearer_published(PUBLISHED, pub_row, split, num_splits, SPLITS_P2: tl.constexpr):
+    """What the splits nearer than ``split`` have published, one entry per split (0 for the
+    others); their sum is a lower bound of the stick they use up. Volatile: other programs write
+    it while this one runs. Summed where it is used, so that a read issued before a stretch of
+    blocks is waited on only after it."""
     offs = tl.arange(0, SPLITS_P2)
-    seen = tl.load(
-        PUBLISHED + pub_row + offs, mask=(offs > split) & (offs < num_splits), other=0.0, volatile=True
-    )
-    return tl.sum(seen, 0)
+    return tl.load(PUBLISHED + pub_row + offs, mask=(offs > split) & (offs < num_splits), other=0.0, volatile=True)
 
 
 @triton.jit
@@ -148,13 +148,17 @@ def sb_decode_split_kernel(
     if SKIP:
         pub_row = tile * num_splits
         live = context >= 0
+        # Odd splits check one block later than even ones: with one wave of programs (B=1) all
+        # would otherwise drain their pipelines at once, where now half keep the memory busy.
+        first_check = SKIP_CHECK_BLOCKS + split % 2
         if SPLIT:
-            # The nearer splits' published sticks are lower bounds of their totals; the margin
-            # of one (a factor 2) keeps rounding from letting the merge keep a split this drops.
-            live = _nearer_stick(PUBLISHED, pub_row, split, num_splits, SPLITS_P2) <= skip_threshold + 1.0
+            # Read a stretch ahead of the check that uses it, so that the read overlaps the
+            # stretch's loads: a published stick only grows, so the earlier value is still a
+            # lower bound of the nearer splits' totals.
+            seen = _nearer_published(PUBLISHED, pub_row, split, num_splits, SPLITS_P2)
         for level in tl.static_range(SKIP_LEVELS + 1):
             if level < SKIP_LEVELS:
-                lo = tl.maximum(blk - (SKIP_CHECK_BLOCKS << level) + 1, blk_lo)
+                lo = tl.maximum(blk - (first_check << level) + 1, blk_lo)
             else:
                 lo = blk_lo
             trips = tl.where(live, blk - lo + 1, 0)
@@ -169,9 +173,11 @@ def sb_decode_split_kernel(
                 own = tl.min(tl.where(row_ok, carry.to(tl.float32), float("inf")), 0)
                 live = live & (own <= skip_threshold)
                 if SPLIT:
+                    # The margin of one (a factor 2) keeps rounding from letting the merge keep a
+                    # split this drops.
+                    live = live & (tl.sum(seen, 0) <= skip_threshold + 1.0)
                     tl.store(PUBLISHED + pub_row + split, own)
-                    nearer = _nearer_stick(PUBLISHED, pub_row, split, num_splits, SPLITS_P2)
-                    live = live & (nearer <= skip_threshold + 1.0)
+                    seen = _nearer_published(PUBLISHED, pub_row, split, num_splits, SPLITS_P2)
     else:
         for i in range(0, blk - blk_lo + 1):
             acc, carry = _fwd_block(
