@@ -148,8 +148,9 @@ def sb_decode_split_kernel(
     if SKIP:
         pub_row = tile * num_splits
         live = context >= 0
-        # Odd splits check one block later than even ones: with one wave of programs (B=1) all
-        # would otherwise drain their pipelines at once, where now half keep the memory busy.
+        # Odd splits check one block later than even ones: in one wave of programs (B=1) every
+        # check drains a pipeline, and staggered, half the programs keep the memory busy while
+        # the other half refill.
         first_check = SKIP_CHECK_BLOCKS + split % 2
         if SPLIT:
             # Read a stretch ahead of the check that uses it, so that the read overlaps the
