@@ -352,7 +352,6 @@ def test_launches_name_each_kernel_argument_once(monkeypatch, device):
         assert keywords - compiler_options == set(recorded_kernels[name].arg_names), name
 
 
-
 @triton.jit
 def _softplus_kernel(Z, OUT, SCAN: tl.constexpr, N: tl.constexpr):
     offs = tl.arange(0, N)
@@ -362,8 +361,8 @@ def _softplus_kernel(Z, OUT, SCAN: tl.constexpr, N: tl.constexpr):
 
 def test_softplus_polynomials_relative_error():
     """log2(1 + 2^-|z2|) as the kernels compute it for fp16 (SCAN=2) and bf16 (SCAN=1) inputs,
-    against float64, relative, for z2 in [-16, 0]: each polynomial's fitted error plus float32 rounding. The bf16
-    bound, 1e-4, is a fortieth of a bf16 ulp; one degree fewer would be 4e-4."""
+    against float64, relative, for z2 in [-16, 0]: each polynomial's fitted error plus float32
+    rounding. The bf16 bound, 1e-4, is a fortieth of a bf16 ulp; one degree fewer would be 4e-4."""
     z2 = torch.linspace(-16.0, 0.0, 4096)
     exact = torch.log2(1 + torch.exp2(z2.double()))
     for scan, bound in ((1, 1e-4), (2, 4e-6)):
