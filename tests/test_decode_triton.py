@@ -159,8 +159,6 @@ def test_auto_splits_leave_no_split_empty(tiles, capacity, block_n):
 def test_merge_never_reads_a_dropped_split(device):
     # A split the merge drops (the splits nearer than it used the stick up) contributes nothing,
     # and its partial output need not be finite: NaN there must not reach o.
-    import triton
-
     from sbbench.kernels.triton_sb.decode import sb_decode_merge_kernel
 
     splits, rows, d = 4, 3, 32

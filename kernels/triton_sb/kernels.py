@@ -290,6 +290,25 @@ def _kv_source(base, seqlen, stride_t, offs_n, offs_d, HEAD_DIM: tl.constexpr, B
         return base + offs_n[:, None] * stride_t + offs_d[None, :]
 
 
+@triton.jit
+def _kv_block(k_src, v_src, start_n, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM: tl.constexpr,
+              BOUNDED: tl.constexpr, TMA: tl.constexpr):
+    """The K and V block at key ``start_n`` from what ``_kv_source`` gave: descriptor loads fill
+    what lies past the sequence or the head dim with zeros; pointer loads mask the head dim, and
+    the sequence end only where a block can reach it (BOUNDED)."""
+    if TMA:
+        k = k_src.load([start_n, 0])
+        v = v_src.load([start_n, 0])
+    else:
+        if BOUNDED:
+            kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+        else:
+            kv_mask = offs_d[None, :] < HEAD_DIM
+        k = tl.load(k_src + start_n * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(v_src + start_n * stride_vt, mask=kv_mask, other=0.0)
+    return k, v
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -307,16 +326,7 @@ def _fwd_block(
     descriptors of the head's [seqlen, HEAD_DIM] keys and values (``_kv_source``), which fill
     what lies past either bound with zeros; otherwise pointer tiles at key 0."""
     keys = start_n + offs_n
-    if TMA:
-        k = k_ptrs.load([start_n, 0])
-        v = v_ptrs.load([start_n, 0])
-    else:
-        if MASKED:
-            kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-        else:
-            kv_mask = offs_d[None, :] < HEAD_DIM
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+    k, v = _kv_block(k_ptrs, v_ptrs, start_n, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM, MASKED, TMA)
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
     if MASKED:
         if ATTEND_CURRENT:
@@ -528,16 +538,7 @@ def _dq_block(
     ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end). K and V come
     as ``_kv_source`` gives them."""
     keys = n * BLOCK_N + offs_n
-    if TMA:
-        k = k_ptrs.load([n * BLOCK_N, 0])
-        v = v_ptrs.load([n * BLOCK_N, 0])
-    else:
-        if CAUSAL:
-            kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-        else:
-            kv_mask = offs_d[None, :] < HEAD_DIM
-        k = tl.load(k_ptrs + n * BLOCK_N * stride_kt, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + n * BLOCK_N * stride_vt, mask=kv_mask, other=0.0)
+    k, v = _kv_block(k_ptrs, v_ptrs, n * BLOCK_N, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM, CAUSAL, TMA)
     ns = (n * BLOCK_N) // STATE_N
     has_slot = row_ok & (ns <= offs_m // STATE_N)
     # P left of a state block is stored at the block's left edge ...

@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sbbench.kernels.triton_sb import kernels
-from sbbench.kernels.triton_sb.op import launch_options
+from sbbench.kernels.triton_sb.op import _logrem_dtype, launch_options
 from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, LAUNCH_PARAMS, config_from_list, config_to_list
 
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
@@ -81,15 +81,14 @@ class Build:
         return [loop for loop in self.loops if loop.count("MUFU")]
 
 
-def _signature(fn, constexprs: Mapping[str, Any], dtype: str) -> tuple[dict, dict]:
+def _signature(fn, constexprs: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict, dict]:
     signature, attrs = {}, {}
+    pointer_types = {**_POINTER_TYPES, "LOGREM": "*fp64" if _logrem_dtype(dtype) == torch.float64 else "*fp32"}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "LOGREM":  # op._logrem_dtype
-            signature[name] = "*fp64" if dtype == "fp32" else "*fp32"
         elif name.isupper():
-            signature[name] = _POINTER_TYPES.get(name, "*" + dtype)
+            signature[name] = pointer_types.get(name, "*" + _TRITON_DTYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
@@ -156,7 +155,7 @@ def build(
     compile_options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
                        if name in constexprs}
     fn = KERNELS[kernel]
-    signature, attrs = _signature(fn, constexprs, _TRITON_DTYPES[dtype])
+    signature, attrs = _signature(fn, constexprs, dtype)
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
