@@ -91,6 +91,41 @@ def test_skipping_stops_far_splits_and_keeps_the_result(device):
     assert (rem_skip - rem_full).abs().max().item() <= 2.0**-12
 
 
+def test_far_splits_stop_on_what_nearer_ones_published(device):
+    """Keys far from the query have very negative logits (their own splits never use a stick
+    up) and the nearest keys very positive ones (the nearest split uses it up at once). Far
+    splits stop only on what the nearest split published: in a launch of more than one wave of
+    programs, where the nearer splits run first. A one-wave launch does not publish, and its far
+    splits read every key. Either way o and rem equal the unskipped result within the bound."""
+    from sbbench.kernels.triton_sb import decode as decode_kernel
+
+    capacity, near = 192, 8
+    direction = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(3)), dim=0)
+    sign = torch.where(torch.arange(capacity) >= capacity - near, 1.0, -1.0)
+    k_seq = (sign[:, None] * direction * 8.0).expand(HKV, capacity, D)
+    config = {**SMALL, "num_splits": 4, "skip_log2": -12}
+    fractions = {}
+    for batch in (1, 2):
+        q = (direction * 8.0).expand(batch, H, 1, D).contiguous().to(device)
+        k_cache = k_seq.expand(batch, HKV, capacity, D).contiguous().to(device)
+        v_cache = torch.randn(batch, HKV, capacity, D, generator=torch.Generator().manual_seed(4)).to(device)
+        lengths = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+        tiles = batch * HKV  # one row tile holds a group's H / H_kv rows
+        one_wave = tiles * config["num_splits"] <= decode_kernel.INTERPRETER_SMS * decode_kernel.PROGRAMS_PER_SM
+        assert one_wave == (batch == 1) or device != "cpu"
+        backend = get_backend("triton")
+        fractions[batch] = backend.decode_skipped_fraction(q, k_cache, v_cache, lengths, D ** -0.5, False, config=config)
+        o_skip, rem_skip = backend.decode(q, k_cache, v_cache, lengths, D ** -0.5, False, config=config)
+        o_full, rem_full = backend.decode(q, k_cache, v_cache, lengths, D ** -0.5, False,
+                                          config={**config, "skip_log2": None})
+        assert (o_skip - o_full).abs().max().item() <= 2.0**-12 * v_cache.abs().max().item()
+        assert (rem_skip - rem_full).abs().max().item() <= 2.0**-12
+    if device == "cpu":  # the interpreter runs the nearer splits first; a GPU decides by timing
+        # 12 blocks in 4 splits of 3, each checking after 1 or 2 (staggered): one wave skips
+        # only within the nearest split, more waves at least one block of every split.
+        assert fractions[1] <= 2 / 12 and fractions[2] >= 4 / 12, fractions
+
+
 def test_append_then_decode(device):
     q, k_cache, v_cache, lengths = decode_inputs(3, torch.float32, device)
     gen = torch.Generator().manual_seed(5)

@@ -20,6 +20,7 @@ from sbbench.kernels.reference import reference
 from sbbench.kernels.triton_sb import DEFAULT_CONFIG, _skipped_fraction
 from sbbench.kernels.triton_sb import op as triton_op
 from sbbench.kernels.triton_sb.kernels import _softplus2
+from sbbench.kernels.triton_sb.params import config_from_list, config_to_list
 
 # Small tiles so short sequences cross many blocks, the diagonal and ragged edges.
 SMALL = {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16, "bwd_BLOCK_M": 16, "bwd_BLOCK_N": 16,
@@ -134,6 +135,64 @@ def test_tma_loads_fall_back_where_the_layout_forbids_them(device):
         pointer = _forward_backward(q, k, v, False, {**SMALL, **POINTER_LOADS})
         tma = _forward_backward(q, k, v, False, {**SMALL, **TMA_LOADS})
         assert all(torch.equal(a, b) for a, b in zip(tma, pointer))
+
+
+def test_dense_forward_reads_through_host_descriptors(device):
+    """Dense inputs get descriptors of the whole K/V tensors, made on the host (no scratch);
+    packed ones per-head descriptors made in the kernel; misaligned ones pointer loads."""
+    q, k, v = _inputs((1, 2, 37, 24), 2, torch.float16, device)
+    misaligned = torch.randn(1, 2, 37, 25, device=device).to(torch.float16)[..., 1:]  # base 2 bytes in
+    options = triton_op.launch_options(config_from_list(config_to_list(SMALL)), torch.float16, 24, False, False)["fwd"]
+    chosen = {
+        "dense": triton_op._forward_kv({**options, "TMA": True}, k, v, varlen=False),
+        "packed": triton_op._forward_kv({**options, "TMA": True}, k, v, varlen=True),
+        "pointer config": triton_op._forward_kv({**options, "TMA": False}, k, v, varlen=False),
+        "misaligned": triton_op._forward_kv({**options, "TMA": True}, misaligned, misaligned, varlen=False),
+    }
+    assert {name: int(c["TMA"]) for name, c in chosen.items()} == {
+        "dense": 2, "packed": 1, "pointer config": 0, "misaligned": 0}
+    desc = chosen["dense"]["K"]
+    assert (desc.shape, desc.strides, desc.block_shape) == (list(k.shape), list(k.stride()), [1, 1, 16, 32])
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_inference_forward_keeps_no_stats(varlen, device, monkeypatch):
+    """Without gradients the forward stores no log-stick or first key per row (its memory is o
+    and rem alone), and o and rem are bit-identical to a training forward's; a backward through
+    a forward that kept nothing is refused."""
+    if varlen:
+        lengths = [23, 1, 40]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        q, k, v = _inputs((sum(lengths), 4, 32), 2, torch.float16, device)
+        seqlen = max(lengths)
+    else:
+        cu = None
+        q, k, v = _inputs((2, 4, 45, 32), 2, torch.float16, device)
+        seqlen = 45
+    cfg = config_to_list({**SMALL, **TMA_LOADS})
+    kept = triton_op.triton_sb_fwd(q, k, v, cu, 0.2, False, seqlen, cfg, True)
+    bare = triton_op.triton_sb_fwd(q, k, v, cu, 0.2, False, seqlen, cfg, False)
+    assert bare[2].shape == bare[3].shape == (4, 0)
+    assert kept[2].shape == kept[3].shape == (4, q.shape[0] if varlen else 2 * 45)
+    assert torch.equal(bare[0], kept[0]) and torch.equal(bare[1], kept[1])
+
+    calls = []
+    real = triton_op.triton_sb_fwd
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    extra = dict(cu_seqlens=cu, max_seqlen=seqlen) if varlen else {}
+    monkeypatch.setattr(triton_op, "triton_sb_fwd", spy)
+    with torch.no_grad():
+        o, rem = sb_attn(q, k, v, 0.2, backend="triton", config={**SMALL, **TMA_LOADS}, **extra)
+    sb_attn(q, k, v.detach().requires_grad_(True), 0.2, backend="triton", config={**SMALL, **TMA_LOADS}, **extra)
+    monkeypatch.undo()
+    assert calls == [False, True]
+    assert torch.equal(o, kept[0]) and torch.equal(rem, kept[1])
+    with pytest.raises(RuntimeError, match="with_stats"):
+        triton_op.triton_sb_fwd(q, k, v.detach().requires_grad_(True), cu, 0.2, False, seqlen, cfg, False)
 
 
 @pytest.mark.parametrize("scan", ["dot", "cumsum"])

@@ -67,7 +67,10 @@ def triton_sb_attn(
     from sbbench.kernels.triton_sb.op import triton_sb_fwd
 
     seqlen = max_seqlen if cu_seqlens is not None else q.shape[2]
-    o, rem, _, _ = triton_sb_fwd(q, k, v, cu_seqlens, float(inv_temp), bool(attend_current), int(seqlen), _config_list(config))
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    o, rem, _, _ = triton_sb_fwd(
+        q, k, v, cu_seqlens, float(inv_temp), bool(attend_current), int(seqlen), _config_list(config), needs_grad
+    )
     return o, rem
 
 

@@ -33,7 +33,10 @@ Block skipping (docs/design.md sections 3 and 9), in two ways that keep the resu
   so once their sum passes -skip_log2 + 1, the merge is certain to drop this split (it drops a
   split once the stick of the nearer ones is below 2^skip_log2 for a row), and the split stops.
   Which splits stop early depends on timing; the splits the merge keeps never stopped for that
-  reason, so the output does not.
+  reason, so the output does not. This needs a launch of more than one wave of programs (the
+  nearer splits end before the farther ones start): in one wave every split starts together and
+  its first check comes before any nearer split has published, so a one-wave launch skips
+  within splits only, and saves zeroing the board and reading it.
 
 The dropped weights stay in the stick: o and rem are off by at most 2^skip_log2 (times max |v|).
 """
@@ -47,7 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sbbench.kernels.triton_sb.kernels import _fwd_block, _scan_matrix, _zero_stick
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from sbbench.kernels.triton_sb.kernels import NATIVE_ASM, _fwd_block, _scan_matrix, _zero_stick
 from sbbench.kernels.triton_sb.op import LOG2E, _block_d, _kernel_flags, _last_dim_contiguous
 from sbbench.kernels.triton_sb.params import SKIP_OFF
 
@@ -68,6 +73,8 @@ PROGRAMS_PER_SM = 2
 # Auto splitting gives each split at least this many key blocks, so that a split's pipeline
 # fill and its share of the merge stay small beside its reads.
 MIN_BLOCKS_PER_SPLIT = 4
+STAGGER_BY_WAVE = True
+MERGE_PDL = True
 # A CPU (the interpreter) has no SMs; auto splitting then plans for this many so that the CPU
 # tests run the split and merge path by default.
 INTERPRETER_SMS = 4
@@ -76,11 +83,25 @@ INTERPRETER_SMS = 4
 @triton.jit
 def _nearer_published(PUBLISHED, pub_row, split, num_splits, SPLITS_P2: tl.constexpr):
     """What the splits nearer than ``split`` have published, one entry per split (0 for the
-    others); their sum is a lower bound of the stick they use up. Volatile: other programs write
-    it while this one runs. Summed where it is used, so that a read issued before a stretch of
-    blocks is waited on only after it."""
+    others); their sum is a lower bound of the stick they use up.
+    Volatile: other programs write it while this one runs. Summed where it is used, so that a
+    read issued before a stretch of blocks is waited on only after it."""
     offs = tl.arange(0, SPLITS_P2)
     return tl.load(PUBLISHED + pub_row + offs, mask=(offs > split) & (offs < num_splits), other=0.0, volatile=True)
+
+
+@triton.jit
+def _launch_merge_early():
+    if NATIVE_ASM:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_for_splits():
+    """The merge is launched as a programmatic dependent of the split kernel: it may start
+    before the splits end, and this waits until they have, with their writes visible."""
+    if NATIVE_ASM:
+        gdc_wait()
 
 
 @triton.jit
@@ -91,15 +112,19 @@ def sb_decode_split_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_rb, stride_rh, stride_rt,
-    batch, num_heads, num_kv_heads, group, new_tokens, row_tiles, num_splits,
+    batch, num_heads, num_kv_heads, group, new_tokens, row_tiles, num_splits, num_sms,
     HEAD_DIM: tl.constexpr, scale2, skip_threshold,
     ATTEND_CURRENT: tl.constexpr, SPLIT: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECK_BLOCKS: tl.constexpr,
     SKIP_LEVELS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+    PUBLISH: tl.constexpr, STAGGER_BY_WAVE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     # Axis 1 counts from the nearest split, so the nearest splits of every tile start first.
     split = num_splits - 1 - tl.program_id(1)
+    if SPLIT:
+        # Lets the merge launch into SMs this grid leaves free; it waits for this grid to end.
+        _launch_merge_early()
     b = tile // (num_kv_heads * row_tiles)
     hk = (tile // row_tiles) % num_kv_heads
     mt = tile % row_tiles
@@ -148,11 +173,17 @@ def sb_decode_split_kernel(
     if SKIP:
         pub_row = tile * num_splits
         live = context >= 0
-        # Odd splits check one block later than even ones: in one wave of programs (B=1) every
-        # check drains a pipeline, and staggered, half the programs keep the memory busy while
-        # the other half refill.
-        first_check = SKIP_CHECK_BLOCKS + split % 2
-        if SPLIT:
+        # Half the programs check one block later than the others: in one wave of programs (B=1)
+        # every check drains a pipeline, and staggered, half the programs keep the memory busy
+        # while the other half refill.
+        if STAGGER_BY_WAVE:
+            # The programs an SM holds come from successive rounds of the grid's dispatch, which
+            # places one program per SM a round, in launch order.
+            linear = tl.program_id(1) * tl.num_programs(0) + tile
+            first_check = SKIP_CHECK_BLOCKS + (linear // num_sms) % 2
+        else:
+            first_check = SKIP_CHECK_BLOCKS + split % 2
+        if PUBLISH:
             # Read a stretch ahead of the check that uses it, so that the read overlaps the
             # stretch's loads: a published stick only grows, so the earlier value is still a
             # lower bound of the nearer splits' totals.
@@ -173,7 +204,7 @@ def sb_decode_split_kernel(
             if level < SKIP_LEVELS:
                 own = tl.min(tl.where(row_ok, carry.to(tl.float32), float("inf")), 0)
                 live = live & (own <= skip_threshold)
-                if SPLIT:
+                if PUBLISH:
                     # The margin of one (a factor 2) keeps rounding from letting the merge keep a
                     # split this drops.
                     live = live & (tl.sum(seen, 0) <= skip_threshold + 1.0)
@@ -226,6 +257,7 @@ def sb_decode_merge_kernel(
     sticks' load, a second memory round trip."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
+    _wait_for_splits()
     b = rows // (num_heads * new_tokens)
     head = (rows // new_tokens) % num_heads
     t = rows % new_tokens
@@ -299,6 +331,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else INTERPRETER_SMS
+
+
 def auto_splits(tiles: int, capacity: int, block_n: int, device: torch.device) -> int:
     """Splits per (sequence, kv head, row tile) that fill one wave of resident programs
     (``PROGRAMS_PER_SM`` per SM), each split keeping at least ``MIN_BLOCKS_PER_SPLIT`` blocks of
@@ -307,11 +344,9 @@ def auto_splits(tiles: int, capacity: int, block_n: int, device: torch.device) -
     count is then lowered to the number of splits that get blocks: 33 splits of 512 blocks take
     16 each and leave the 33rd empty, a program that reads nothing and a merge tile padded from
     32 splits to 64."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else INTERPRETER_SMS
     blocks = triton.cdiv(capacity, block_n)
     most = max(1, min(MAX_SPLITS, blocks // MIN_BLOCKS_PER_SPLIT))
-    splits = max(1, min(most, (sms * PROGRAMS_PER_SM) // max(tiles, 1)))
+    splits = max(1, min(most, _sms(device) * PROGRAMS_PER_SM // max(tiles, 1)))
     return triton.cdiv(blocks, triton.cdiv(blocks, splits))
 
 
@@ -343,6 +378,8 @@ def triton_sb_decode(
     skip = f["skip_log2"] > SKIP_OFF
     threshold = float(-f["skip_log2"]) if skip else 0.0
     split = splits > 1
+    sms = _sms(q.device)
+    publish = skip and split and tiles * splits > sms * PROGRAMS_PER_SM
     flags = _kernel_flags(q.dtype, "dot")
     accurate = flags["ACCURATE"]
     stick_dtype = torch.float64 if accurate else torch.float32
@@ -354,7 +391,7 @@ def triton_sb_decode(
         o_part = torch.empty((splits, batch, heads, new_tokens, head_dim), dtype=torch.float32, device=q.device)
         lr_part = torch.empty((splits, batch, heads, new_tokens), dtype=stick_dtype, device=q.device)
         # Read before it is written by programs that start before the nearer splits publish.
-        published = torch.zeros((tiles, splits) if skip else (1,), dtype=torch.float32, device=q.device)
+        published = torch.zeros((tiles, splits), dtype=torch.float32, device=q.device) if publish else skipped
     else:
         o_part, lr_part, published = o, rem, skipped  # unused: the kernel writes o and rem itself
     sb_decode_split_kernel[(tiles, splits)](
@@ -365,11 +402,12 @@ def triton_sb_decode(
         o.stride(0), o.stride(1), o.stride(2),
         rem.stride(0), rem.stride(1), rem.stride(2),
         batch, heads, kv_heads, heads // kv_heads, new_tokens, plan["row_tiles"], splits,
-        head_dim, inv_temp * LOG2E, threshold,
+        sms, head_dim, inv_temp * LOG2E, threshold,
         ATTEND_CURRENT=int(attend_current), SPLIT=split, SKIP=skip,
         SKIP_CHECK_BLOCKS=max(1, f["skip_check_keys"] // f["BLOCK_N"]), SKIP_LEVELS=f["skip_checks"] if skip else 0,
         SPLITS_P2=triton.next_power_of_2(splits), BLOCK_M=plan["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
         BLOCK_D=_block_d(head_dim), **flags, num_warps=f["num_warps"], num_stages=f["num_stages"],
+        PUBLISH=publish, STAGGER_BY_WAVE=STAGGER_BY_WAVE,
     )
     if split:
         total_rows = batch * heads * new_tokens
@@ -381,6 +419,7 @@ def triton_sb_decode(
             rem.stride(0), rem.stride(1), rem.stride(2),
             total_rows, heads, new_tokens, splits, head_dim, threshold,
             SKIP=skip, BLOCK_R=block_r, BLOCK_D=block_d, SPLITS_P2=splits_p2, ACCURATE=accurate, num_warps=4,
+            launch_pdl=MERGE_PDL and q.device.type == "cuda",
         )
     return o, rem, skipped
 

@@ -57,6 +57,16 @@ MASKED_LOGIT2: tl.constexpr = tl.constexpr(-1000.0)
 NATIVE_ASM: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
 
 
+# How a kernel reads K/V tiles (its TMA constexpr). Descriptors made on the device describe one
+# head's rows each, which packed sequences need (a sequence's end must read as zeros), but take
+# 128 bytes of global scratch per descriptor and program. Descriptors made on the host describe
+# the whole (B, H_kv, T, D) tensor, one per launch and no scratch: the forward's choice for dense
+# inputs, so that inference holds no more memory than its outputs.
+POINTER_LOADS: tl.constexpr = tl.constexpr(0)
+DEVICE_DESCRIPTORS: tl.constexpr = tl.constexpr(1)
+HOST_DESCRIPTORS: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
 def _rcp_1_to_2(x):
     """1 / x for x in [1, 2]. Triton's ``/`` is PTX div.full, which guards the divisor's range
@@ -282,8 +292,8 @@ def _rows_descriptor(base, seqlen, stride_t, HEAD_DIM: tl.constexpr, BLOCK: tl.c
 @triton.jit
 def _kv_source(base, seqlen, stride_t, offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """What ``_fwd_block`` loads a head's key or value blocks from: a tensor descriptor of its
-    [seqlen, HEAD_DIM] rows (TMA), or the pointer tile of its first block."""
+    """What ``_kv_block`` loads a head's key or value blocks from: a tensor descriptor of its
+    [seqlen, HEAD_DIM] rows (DEVICE_DESCRIPTORS), or the pointer tile of its first block."""
     if TMA:
         return _rows_descriptor(base, seqlen, stride_t, HEAD_DIM, BLOCK_N, BLOCK_D)
     else:
@@ -293,10 +303,16 @@ def _kv_source(base, seqlen, stride_t, offs_n, offs_d, HEAD_DIM: tl.constexpr, B
 @triton.jit
 def _kv_block(k_src, v_src, start_n, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM: tl.constexpr,
               BOUNDED: tl.constexpr, TMA: tl.constexpr):
-    """The K and V block at key ``start_n`` from what ``_kv_source`` gave: descriptor loads fill
-    what lies past the sequence or the head dim with zeros; pointer loads mask the head dim, and
-    the sequence end only where a block can reach it (BOUNDED)."""
-    if TMA:
+    """The K and V block at key ``start_n``. With HOST_DESCRIPTORS, ``k_src``/``v_src`` are
+    (descriptor of the (B, H_kv, T, D) tensor, sequence, kv head); otherwise what ``_kv_source``
+    gave. Descriptor loads fill what lies past the sequence or the head dim with zeros; pointer
+    loads mask the head dim, and the sequence end only where a block can reach it (BOUNDED)."""
+    if TMA == HOST_DESCRIPTORS:
+        k_desc, k_seq, k_head = k_src
+        v_desc, v_seq, v_head = v_src
+        k = k_desc.load([k_seq, k_head, start_n, 0]).reshape(keys.shape[0], offs_d.shape[0])
+        v = v_desc.load([v_seq, v_head, start_n, 0]).reshape(keys.shape[0], offs_d.shape[0])
+    elif TMA:
         k = k_src.load([start_n, 0])
         v = v_src.load([start_n, 0])
     else:
@@ -322,9 +338,7 @@ def _fwd_block(
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """One key block of the forward walk. With TMA, ``k_ptrs``/``v_ptrs`` are tensor
-    descriptors of the head's [seqlen, HEAD_DIM] keys and values (``_kv_source``), which fill
-    what lies past either bound with zeros; otherwise pointer tiles at key 0."""
+    """One key block of the forward walk; ``k_ptrs``/``v_ptrs`` are what ``_kv_block`` reads."""
     keys = start_n + offs_n
     k, v = _kv_block(k_ptrs, v_ptrs, start_n, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM, MASKED, TMA)
     z2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
@@ -359,16 +373,17 @@ def sb_fwd_kernel(
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, SKIP: tl.constexpr,
     SKIP_CHECK_TILES: tl.constexpr, SKIP_LEVELS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, STATS: tl.constexpr,
 ):
+    """With TMA == HOST_DESCRIPTORS, K and V are tensor descriptors of the dense (B, H_kv, T, D)
+    tensors, else pointers. With STATS, it also stores each row's log-stick (LOGREM) and first
+    visited key (STOP), which the backward and the skipped fraction read; inference skips them."""
     pid_b, pid_h, pid_hk, row0, seqlen, start_m = _query_tile(
         CU_SEQLENS, T_dense, num_heads, group, num_pairs, sched_pairs, BLOCK_M, IS_VARLEN
     )
     if start_m >= seqlen:
         return
     q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
-    k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
-    v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
     o_base = _head_base(O, row0, pid_b, pid_h, stride_ob, stride_oh, stride_ot, IS_VARLEN)
     r_base = _head_base(REM, row0, pid_b, pid_h, stride_rb, stride_rh, stride_rt, IS_VARLEN)
 
@@ -380,8 +395,14 @@ def sb_fwd_kernel(
         q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
-    k_ptrs = _kv_source(k_base, seqlen, stride_kt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    v_ptrs = _kv_source(v_base, seqlen, stride_vt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    if TMA == HOST_DESCRIPTORS:
+        k_ptrs = (K, pid_b, pid_hk)
+        v_ptrs = (V, pid_b, pid_hk)
+    else:
+        k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
+        v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
+        k_ptrs = _kv_source(k_base, seqlen, stride_kt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+        v_ptrs = _kv_source(v_base, seqlen, stride_vt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
 
     tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -433,9 +454,10 @@ def sb_fwd_kernel(
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
     tl.store(r_base + offs_m * stride_rt, tl.exp2(-carry.to(tl.float32)).to(REM.dtype.element_ty), mask=row_ok)
-    aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
-    tl.store(LOGREM + aux, carry, mask=row_ok)
-    tl.store(STOP + aux, tl.zeros([BLOCK_M], dtype=tl.int32) + first_key, mask=row_ok)
+    if STATS:
+        aux = pid_h.to(tl.int64) * total_rows + row0 + offs_m
+        tl.store(LOGREM + aux, carry, mask=row_ok)
+        tl.store(STOP + aux, tl.zeros([BLOCK_M], dtype=tl.int32) + first_key, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sbbench.kernels.triton_sb import kernels
 from sbbench.kernels.triton_sb.params import config_from_list
@@ -139,6 +140,19 @@ def _logrem_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
+def _forward_kv(options: dict[str, Any], k: torch.Tensor, v: torch.Tensor, varlen: bool) -> dict[str, Any]:
+    """The forward's K and V arguments and its TMA mode (kernels.POINTER_LOADS, DEVICE_DESCRIPTORS
+    or HOST_DESCRIPTORS): dense inputs get descriptors of the whole (B, H_kv, T, D) tensors, made
+    here, which need no scratch memory; packed ones per-head descriptors made in the kernel."""
+    if not _tma_loads(options["TMA"], k, v):
+        return {"K": k, "V": v, "TMA": kernels.POINTER_LOADS}
+    if varlen:
+        return {"K": k, "V": v, "TMA": kernels.DEVICE_DESCRIPTORS}
+    block = [1, 1, options["BLOCK_N"], options["BLOCK_D"]]
+    k_desc, v_desc = (TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
+    return {"K": k_desc, "V": v_desc, "TMA": kernels.HOST_DESCRIPTORS}
+
+
 @torch.library.custom_op("sbbench::triton_sb_fwd", mutates_args=())
 def triton_sb_fwd(
     q: torch.Tensor,
@@ -149,8 +163,10 @@ def triton_sb_fwd(
     attend_current: bool,
     max_seqlen: int,
     cfg: list[int],
+    with_stats: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, rem, log2 of 1/rem, first visited key per row) for one call."""
+    """Returns (o, rem, log2 of 1/rem, first visited key per row) for one call. Without
+    ``with_stats`` (inference: no backward will follow) the last two are empty, (heads, 0)."""
     config = config_from_list(cfg)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     varlen = cu_seqlens is not None
@@ -158,34 +174,36 @@ def triton_sb_fwd(
     head_dim = q.shape[-1]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     rem = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)  # (B, H, T) or (total, H)
-    logrem = torch.empty((heads, rows), dtype=_logrem_dtype(q.dtype), device=q.device)
-    stop = torch.empty((heads, rows), dtype=torch.int32, device=q.device)
+    stat_rows = rows if with_stats else 0
+    logrem = torch.empty((heads, stat_rows), dtype=_logrem_dtype(q.dtype), device=q.device)
+    stop = torch.empty((heads, stat_rows), dtype=torch.int32, device=q.device)
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
-    options["TMA"] = _tma_loads(options["TMA"], k, v)
+    options.update(_forward_kv(options, k, v, varlen))
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
-        Q=q, K=k, V=v, O=o, REM=rem, LOGREM=logrem, STOP=stop,
-        CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do
+        Q=q, O=o, REM=rem, LOGREM=logrem, STOP=stop,
+        CU_SEQLENS=cu_seqlens if varlen else rem,  # unread when dense: any pointer will do
         **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
         **_strides("o", o, varlen), **_strides("r", rem, varlen),
         T_dense=t_dense, total_rows=rows, num_heads=heads, group=heads // kv_heads, num_pairs=pairs,
         sched_pairs=SCHED_PAIRS_QUERY_MAJOR, scale2=inv_temp * LOG2E,
-        skip_threshold=float(-config["skip_log2"]) if options["SKIP"] else 0.0, **options,
+        skip_threshold=float(-config["skip_log2"]) if options["SKIP"] else 0.0, STATS=with_stats, **options,
     )
     return o, rem, logrem, stop
 
 
 @triton_sb_fwd.register_fake
-def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg):
+def _(q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg, with_stats=True):
     rows = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[2]
+    stat_rows = rows if with_stats else 0
     heads = q.shape[1]
     return (
         q.new_empty(q.shape),
         q.new_empty(q.shape[:-1]),
-        q.new_empty((heads, rows), dtype=_logrem_dtype(q.dtype)),
-        q.new_empty((heads, rows), dtype=torch.int32),
+        q.new_empty((heads, stat_rows), dtype=_logrem_dtype(q.dtype)),
+        q.new_empty((heads, stat_rows), dtype=torch.int32),
     )
 
 
@@ -324,7 +342,10 @@ def _(do, drem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg = inputs
+    q, k, v, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg, with_stats = inputs
+    if not with_stats:
+        raise RuntimeError("triton_sb_fwd: with_stats=False keeps nothing for a backward; call it with "
+                           "with_stats=True when q, k or v requires grad")
     o, _rem, logrem, stop = output
     ctx.save_for_backward(q, k, v, logrem, stop, cu_seqlens)
     ctx.args = (inv_temp, attend_current, max_seqlen, cfg)
@@ -338,7 +359,7 @@ def _backward(ctx, grad_o, grad_rem, _grad_logrem, _grad_stop):
     dq, dk, dv = triton_sb_bwd(
         grad_o, grad_rem, q, k, v, logrem, stop, cu_seqlens, inv_temp, attend_current, max_seqlen, cfg
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 torch.library.register_autograd("sbbench::triton_sb_fwd", _backward, setup_context=_setup_context)

@@ -84,9 +84,14 @@ class Build:
 def _signature(fn, constexprs: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict, dict]:
     signature, attrs = {}, {}
     pointer_types = {**_POINTER_TYPES, "LOGREM": "*fp64" if _logrem_dtype(dtype) == torch.float64 else "*fp32"}
+    if constexprs.get("TMA") == kernels.HOST_DESCRIPTORS:
+        block = f"[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_D']}]"
+        pointer_types.update(K=f"tensordesc<{_TRITON_DTYPES[dtype]}{block}>", V=f"tensordesc<{_TRITON_DTYPES[dtype]}{block}>")
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif pointer_types.get(name, "").startswith("tensordesc"):
+            signature[name] = pointer_types[name]
         elif name.isupper():
             signature[name] = pointer_types.get(name, "*" + _TRITON_DTYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -151,6 +156,11 @@ def build(
     # Through the int list, as the custom ops receive it.
     full = config_from_list(config_to_list(config or {}))
     constexprs = dict(launch_options(full, dtype, head_dim, attend_current, varlen)[kernel])
+    if kernel == "fwd":
+        # As op._forward_kv launches a training forward on aligned inputs.
+        constexprs["STATS"] = True
+        if constexprs["TMA"]:
+            constexprs["TMA"] = kernels.DEVICE_DESCRIPTORS if varlen else kernels.HOST_DESCRIPTORS
     # Compiler options (warps, stages, a register cap) go to triton.compile, the rest are constexprs.
     compile_options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
                        if name in constexprs}
