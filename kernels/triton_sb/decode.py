@@ -73,8 +73,6 @@ PROGRAMS_PER_SM = 2
 # Auto splitting gives each split at least this many key blocks, so that a split's pipeline
 # fill and its share of the merge stay small beside its reads.
 MIN_BLOCKS_PER_SPLIT = 4
-STAGGER_BY_WAVE = True
-MERGE_PDL = True
 # A CPU (the interpreter) has no SMs; auto splitting then plans for this many so that the CPU
 # tests run the split and merge path by default.
 INTERPRETER_SMS = 4
@@ -83,9 +81,9 @@ INTERPRETER_SMS = 4
 @triton.jit
 def _nearer_published(PUBLISHED, pub_row, split, num_splits, SPLITS_P2: tl.constexpr):
     """What the splits nearer than ``split`` have published, one entry per split (0 for the
-    others); their sum is a lower bound of the stick they use up.
-    Volatile: other programs write it while this one runs. Summed where it is used, so that a
-    read issued before a stretch of blocks is waited on only after it."""
+    others); their sum is a lower bound of the stick they use up. Volatile: other programs write
+    it while this one runs. Summed where it is used, so that a read issued before a stretch of
+    blocks is waited on only after it."""
     offs = tl.arange(0, SPLITS_P2)
     return tl.load(PUBLISHED + pub_row + offs, mask=(offs > split) & (offs < num_splits), other=0.0, volatile=True)
 
@@ -112,12 +110,12 @@ def sb_decode_split_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_rb, stride_rh, stride_rt,
-    batch, num_heads, num_kv_heads, group, new_tokens, row_tiles, num_splits, num_sms,
+    batch, num_heads, num_kv_heads, group, new_tokens, row_tiles, num_splits,
     HEAD_DIM: tl.constexpr, scale2, skip_threshold,
     ATTEND_CURRENT: tl.constexpr, SPLIT: tl.constexpr, SKIP: tl.constexpr, SKIP_CHECK_BLOCKS: tl.constexpr,
     SKIP_LEVELS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
-    PUBLISH: tl.constexpr, STAGGER_BY_WAVE: tl.constexpr,
+    PUBLISH: tl.constexpr,
 ):
     tile = tl.program_id(0)
     # Axis 1 counts from the nearest split, so the nearest splits of every tile start first.
@@ -173,16 +171,10 @@ def sb_decode_split_kernel(
     if SKIP:
         pub_row = tile * num_splits
         live = context >= 0
-        # Half the programs check one block later than the others: in one wave of programs (B=1)
-        # every check drains a pipeline, and staggered, half the programs keep the memory busy
-        # while the other half refill.
-        if STAGGER_BY_WAVE:
-            # The programs an SM holds come from successive rounds of the grid's dispatch, which
-            # places one program per SM a round, in launch order.
-            linear = tl.program_id(1) * tl.num_programs(0) + tile
-            first_check = SKIP_CHECK_BLOCKS + (linear // num_sms) % 2
-        else:
-            first_check = SKIP_CHECK_BLOCKS + split % 2
+        # Odd splits check one block later than even ones: in one wave of programs (B=1) every
+        # check drains a pipeline, and staggered, half the programs keep the memory busy while
+        # the other half refill.
+        first_check = SKIP_CHECK_BLOCKS + split % 2
         if PUBLISH:
             # Read a stretch ahead of the check that uses it, so that the read overlaps the
             # stretch's loads: a published stick only grows, so the earlier value is still a
@@ -378,8 +370,7 @@ def triton_sb_decode(
     skip = f["skip_log2"] > SKIP_OFF
     threshold = float(-f["skip_log2"]) if skip else 0.0
     split = splits > 1
-    sms = _sms(q.device)
-    publish = skip and split and tiles * splits > sms * PROGRAMS_PER_SM
+    publish = skip and split and tiles * splits > _sms(q.device) * PROGRAMS_PER_SM
     flags = _kernel_flags(q.dtype, "dot")
     accurate = flags["ACCURATE"]
     stick_dtype = torch.float64 if accurate else torch.float32
@@ -402,12 +393,12 @@ def triton_sb_decode(
         o.stride(0), o.stride(1), o.stride(2),
         rem.stride(0), rem.stride(1), rem.stride(2),
         batch, heads, kv_heads, heads // kv_heads, new_tokens, plan["row_tiles"], splits,
-        sms, head_dim, inv_temp * LOG2E, threshold,
+        head_dim, inv_temp * LOG2E, threshold,
         ATTEND_CURRENT=int(attend_current), SPLIT=split, SKIP=skip,
         SKIP_CHECK_BLOCKS=max(1, f["skip_check_keys"] // f["BLOCK_N"]), SKIP_LEVELS=f["skip_checks"] if skip else 0,
         SPLITS_P2=triton.next_power_of_2(splits), BLOCK_M=plan["BLOCK_M"], BLOCK_N=f["BLOCK_N"],
         BLOCK_D=_block_d(head_dim), **flags, num_warps=f["num_warps"], num_stages=f["num_stages"],
-        PUBLISH=publish, STAGGER_BY_WAVE=STAGGER_BY_WAVE,
+        PUBLISH=publish,
     )
     if split:
         total_rows = batch * heads * new_tokens
@@ -419,7 +410,7 @@ def triton_sb_decode(
             rem.stride(0), rem.stride(1), rem.stride(2),
             total_rows, heads, new_tokens, splits, head_dim, threshold,
             SKIP=skip, BLOCK_R=block_r, BLOCK_D=block_d, SPLITS_P2=splits_p2, ACCURATE=accurate, num_warps=4,
-            launch_pdl=MERGE_PDL and q.device.type == "cuda",
+            launch_pdl=q.device.type == "cuda",
         )
     return o, rem, skipped
 
