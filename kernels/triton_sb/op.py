@@ -66,7 +66,7 @@ def launch_options(
             common, SKIP=c["skip_log2"] is not None,
             SKIP_CHECK_TILES=max(1, c["skip_check_keys"] // c["fwd_BLOCK_N"]), SKIP_LEVELS=c["skip_checks"],
             BLOCK_M=c["fwd_BLOCK_M"], BLOCK_N=c["fwd_BLOCK_N"], num_warps=c["fwd_num_warps"],
-            num_stages=c["fwd_num_stages"], TMA=c["fwd_loads"] == "tma",
+            num_stages=c["fwd_num_stages"], TMA=c["fwd_loads"] == "tma", **_register_cap(c["fwd_maxnreg"]),
         ),
         "bwd_dq": dict(
             common, BLOCK_M=c["bwd_BLOCK_M"], BLOCK_N=c["bwd_BLOCK_N"], STATE_N=c["bwd_dkdv_BLOCK_N"],

@@ -72,11 +72,11 @@ def _warps(name: str, pass_: str, default: int) -> LaunchParam:
     return LaunchParam(name, (2, 4, 8), pass_, default, WARPS)
 
 
-def _register_cap(name: str) -> LaunchParam:
+def _register_cap(name: str, pass_: str) -> LaunchParam:
     # 168 and 128 are the caps at which one more 4-warp program fits on an SM; the cap buys
     # occupancy with spills, which pays at some head dims and not at others, so the default is
     # none and the tuned configs choose.
-    return LaunchParam(name, (0, 168, 128), "bwd", 0, REGISTER_CAP)
+    return LaunchParam(name, (0, 168, 128), pass_, 0, REGISTER_CAP)
 
 
 LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
@@ -107,6 +107,10 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     # arithmetic and the bounds masks off the threads. Hopper and later; elsewhere, and for
     # tensors whose base or strides are not 16-byte aligned (TMA's rule), the pointer loads run.
     _named("fwd_loads", LOADS_CODES, "fwd", "pointer"),
+    # ptxas's register cap for the forward: a 64-key tile at D=64 with 3 stages and TMA loads
+    # takes 187 registers uncapped (two 4-warp programs an SM) and 168 capped without spills
+    # (three).
+    _register_cap("fwd_maxnreg", "fwd"),
     # Backward, the dQ kernel's launch.
     _tile("bwd_BLOCK_M", (16, 32, 64, 128), "bwd", 64),
     _tile("bwd_BLOCK_N", (16, 32, 64, 128), "bwd", 32),
@@ -124,8 +128,8 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     # some tiles (wrong dK at D=128 with GQA, and on packed varlen fp16), while one stage was right
     # in every case. The tuner may still choose two: its numerics constraint rejects a wrong config.
     LaunchParam("bwd_dkdv_num_stages", (1, 2, 3), "bwd", 1, STAGES),
-    _register_cap("bwd_maxnreg"),
-    _register_cap("bwd_dkdv_maxnreg"),
+    _register_cap("bwd_maxnreg", "bwd"),
+    _register_cap("bwd_dkdv_maxnreg", "bwd"),
     # How the backward reads the blocks it walks (K and V in the dQ kernel, q and dO in the dK/dV
     # kernel), as fwd_loads for the forward.
     _named("bwd_loads", LOADS_CODES, "bwd", "pointer"),
