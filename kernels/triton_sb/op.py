@@ -140,13 +140,19 @@ def _logrem_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
+def forward_descriptors(varlen: bool) -> int:
+    """Where the forward's TMA loads get their descriptors: dense inputs from descriptors of the
+    whole (B, H_kv, T, D) tensors made on the host, which need no scratch memory; packed ones
+    from per-head descriptors made in the kernel, whose bounds end each sequence."""
+    return kernels.DEVICE_DESCRIPTORS if varlen else kernels.HOST_DESCRIPTORS
+
+
 def _forward_kv(options: dict[str, Any], k: torch.Tensor, v: torch.Tensor, varlen: bool) -> dict[str, Any]:
     """The forward's K and V arguments and its TMA mode (kernels.POINTER_LOADS, DEVICE_DESCRIPTORS
-    or HOST_DESCRIPTORS): dense inputs get descriptors of the whole (B, H_kv, T, D) tensors, made
-    here, which need no scratch memory; packed ones per-head descriptors made in the kernel."""
+    or HOST_DESCRIPTORS, as ``forward_descriptors`` chooses)."""
     if not _tma_loads(options["TMA"], k, v):
         return {"K": k, "V": v, "TMA": kernels.POINTER_LOADS}
-    if varlen:
+    if forward_descriptors(varlen) == kernels.DEVICE_DESCRIPTORS:
         return {"K": k, "V": v, "TMA": kernels.DEVICE_DESCRIPTORS}
     block = [1, 1, options["BLOCK_N"], options["BLOCK_D"]]
     k_desc, v_desc = (TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))

@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sbbench.kernels.triton_sb import kernels
-from sbbench.kernels.triton_sb.op import _logrem_dtype, launch_options
+from sbbench.kernels.triton_sb.op import _logrem_dtype, forward_descriptors, launch_options
 from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, LAUNCH_PARAMS, config_from_list, config_to_list
 
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
@@ -160,7 +160,7 @@ def build(
         # As op._forward_kv launches a training forward on aligned inputs.
         constexprs["STATS"] = True
         if constexprs["TMA"]:
-            constexprs["TMA"] = kernels.DEVICE_DESCRIPTORS if varlen else kernels.HOST_DESCRIPTORS
+            constexprs["TMA"] = forward_descriptors(varlen)
     # Compiler options (warps, stages, a register cap) go to triton.compile, the rest are constexprs.
     compile_options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
                        if name in constexprs}
