@@ -137,22 +137,25 @@ def test_tma_loads_fall_back_where_the_layout_forbids_them(device):
         assert all(torch.equal(a, b) for a, b in zip(tma, pointer))
 
 
-def test_dense_forward_reads_through_host_descriptors(device):
-    """Dense inputs get descriptors of the whole K/V tensors, made on the host (no scratch);
-    packed ones per-head descriptors made in the kernel; misaligned ones pointer loads."""
+def test_dense_inputs_are_walked_through_host_descriptors(device):
+    """Dense inputs get descriptors of the whole tensors, made on the host (no scratch); packed
+    ones per-head descriptors made in the kernel; a misaligned tensor, among those walked or
+    those only checked, pointer loads."""
     q, k, v = _inputs((1, 2, 37, 24), 2, torch.float16, device)
     misaligned = torch.randn(1, 2, 37, 25, device=device).to(torch.float16)[..., 1:]  # base 2 bytes in
-    options = triton_op.launch_options(config_from_list(config_to_list(SMALL)), torch.float16, 24, False, False)["fwd"]
+    walked = {"K": k, "V": v}
     chosen = {
-        "dense": triton_op._forward_kv({**options, "TMA": True}, k, v, varlen=False),
-        "packed": triton_op._forward_kv({**options, "TMA": True}, k, v, varlen=True),
-        "pointer config": triton_op._forward_kv({**options, "TMA": False}, k, v, varlen=False),
-        "misaligned": triton_op._forward_kv({**options, "TMA": True}, misaligned, misaligned, varlen=False),
+        "dense": triton_op._walked_tiles(True, False, walked, 16, 32),
+        "packed": triton_op._walked_tiles(True, True, walked, 16, 32),
+        "pointer config": triton_op._walked_tiles(False, False, walked, 16, 32),
+        "misaligned": triton_op._walked_tiles(True, False, {"K": misaligned, "V": misaligned}, 16, 32),
+        "misaligned check": triton_op._walked_tiles(True, False, walked, 16, 32, q, misaligned),
     }
-    assert {name: int(c["TMA"]) for name, c in chosen.items()} == {
-        "dense": 2, "packed": 1, "pointer config": 0, "misaligned": 0}
-    desc = chosen["dense"]["K"]
+    assert {name: int(mode) for name, (mode, _) in chosen.items()} == {
+        "dense": 2, "packed": 1, "pointer config": 0, "misaligned": 0, "misaligned check": 0}
+    desc = chosen["dense"][1]["K"]
     assert (desc.shape, desc.strides, desc.block_shape) == (list(k.shape), list(k.stride()), [1, 1, 16, 32])
+    assert chosen["packed"][1]["K"] is k and chosen["pointer config"][1]["V"] is v
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -280,13 +283,16 @@ def _grads(q, k, v, config, cu_seqlens=None, max_seqlen=None):
     return torch.autograd.grad((o, rem), (q, k, v), (do, drem))
 
 
+@pytest.mark.parametrize("loads", ["pointer", "tma"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_backward_by_head_groups_is_bit_identical(varlen, device, monkeypatch):
+def test_backward_by_head_groups_is_bit_identical(varlen, loads, device, monkeypatch):
     """Under a boundary-state budget the backward runs one launch pair per group of kv heads; with
     the budget at zero every kv head is its own group, and the gradients must not change by a bit
-    (a wrong head offset in any launch would move them). The grouped run also orders its
-    programs in chunks of 3 (sequence, head) pairs, the last one partial, where the whole run
-    has one chunk: the launch order must not move them either."""
+    (a wrong head offset in any launch, or in the descriptors of a launch's head slices, would
+    move them). The grouped run also orders its programs in chunks of 3 (sequence, head) pairs,
+    the last one partial, where the whole run has one chunk: the launch order must not move them
+    either."""
+    config = {**SMALL, "fwd_loads": loads, "bwd_loads": loads}
     if varlen:
         lengths = [40, 1, 23]
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -295,12 +301,12 @@ def test_backward_by_head_groups_is_bit_identical(varlen, device, monkeypatch):
     else:
         q, k, v = _inputs((2, 6, 50, 32), 3, torch.float16, device)
         extra = {}
-    whole = _grads(q, k, v, SMALL, **extra)
+    whole = _grads(q, k, v, config, **extra)
     monkeypatch.setattr(triton_op, "STATE_BUDGET_Q_MULTIPLE", 0)
     monkeypatch.setattr(triton_op, "SCHED_PAIRS_QUERY_MAJOR", 3)
     monkeypatch.setattr(triton_op, "SCHED_PAIRS_KEY_MAJOR", 3)
     assert triton_op.kv_heads_per_launch(q, 3, 10**6) == 1
-    grouped = _grads(q, k, v, SMALL, **extra)
+    grouped = _grads(q, k, v, config, **extra)
     for name, a, b in zip(("dq", "dk", "dv"), whole, grouped):
         assert torch.equal(a, b), name
 

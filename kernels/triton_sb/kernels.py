@@ -57,11 +57,12 @@ MASKED_LOGIT2: tl.constexpr = tl.constexpr(-1000.0)
 NATIVE_ASM: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
 
 
-# How a kernel reads K/V tiles (its TMA constexpr). Descriptors made on the device describe one
-# head's rows each, which packed sequences need (a sequence's end must read as zeros), but take
-# 128 bytes of global scratch per descriptor and program. Descriptors made on the host describe
-# the whole (B, H_kv, T, D) tensor, one per launch and no scratch: the forward's choice for dense
-# inputs, so that inference holds no more memory than its outputs.
+# How a kernel reads the tiles it walks (its TMA constexpr). Descriptors made on the device
+# describe one head's rows each, which packed sequences need (a sequence's end must read as
+# zeros), but take 128 bytes of global scratch per descriptor and program and a global write and
+# fence to build. Descriptors made on the host describe a whole dense (B, H, T, D) tensor, one per
+# launch and no scratch: what dense inputs use, so that inference holds no more memory than its
+# outputs.
 POINTER_LOADS: tl.constexpr = tl.constexpr(0)
 DEVICE_DESCRIPTORS: tl.constexpr = tl.constexpr(1)
 HOST_DESCRIPTORS: tl.constexpr = tl.constexpr(2)
@@ -290,31 +291,45 @@ def _rows_descriptor(base, seqlen, stride_t, HEAD_DIM: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def _kv_source(base, seqlen, stride_t, offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """What ``_kv_block`` loads a head's key or value blocks from: a tensor descriptor of its
-    [seqlen, HEAD_DIM] rows (DEVICE_DESCRIPTORS), or the pointer tile of its first block."""
-    if TMA:
-        return _rows_descriptor(base, seqlen, stride_t, HEAD_DIM, BLOCK_N, BLOCK_D)
+def _kv_sources(K, V, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, seqlen,
+                offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IS_VARLEN: tl.constexpr, TMA: tl.constexpr):
+    """What ``_kv_block`` loads a query tile's key and value blocks from: with HOST_DESCRIPTORS
+    (K and V are then descriptors) the descriptor, sequence and kv head; with DEVICE_DESCRIPTORS a
+    descriptor of the head's [seqlen, HEAD_DIM] rows; else the pointer tile of its first block."""
+    if TMA == HOST_DESCRIPTORS:
+        return (K, pid_b, pid_hk), (V, pid_b, pid_hk)
     else:
-        return base + offs_n[:, None] * stride_t + offs_d[None, :]
+        k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
+        v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
+        if TMA:
+            return (_rows_descriptor(k_base, seqlen, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D),
+                    _rows_descriptor(v_base, seqlen, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D))
+        else:
+            return (k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+                    v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+
+
+@triton.jit
+def _described_tile(src, row, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """The [ROWS, BLOCK_D] tile at ``row`` of one head's rows through a tensor descriptor: ``src``
+    is (descriptor of the (B, H, T, D) tensor, sequence, head) with HOST_DESCRIPTORS, else a
+    descriptor of the head's rows. What lies past the sequence or the head dim reads as zeros."""
+    if TMA == HOST_DESCRIPTORS:
+        desc, seq, head = src
+        return desc.load([seq, head, row, 0]).reshape(ROWS, BLOCK_D)
+    else:
+        return src.load([row, 0])
 
 
 @triton.jit
 def _kv_block(k_src, v_src, start_n, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM: tl.constexpr,
               BOUNDED: tl.constexpr, TMA: tl.constexpr):
-    """The K and V block at key ``start_n``. With HOST_DESCRIPTORS, ``k_src``/``v_src`` are
-    (descriptor of the (B, H_kv, T, D) tensor, sequence, kv head); otherwise what ``_kv_source``
-    gave. Descriptor loads fill what lies past the sequence or the head dim with zeros; pointer
-    loads mask the head dim, and the sequence end only where a block can reach it (BOUNDED)."""
-    if TMA == HOST_DESCRIPTORS:
-        k_desc, k_seq, k_head = k_src
-        v_desc, v_seq, v_head = v_src
-        k = k_desc.load([k_seq, k_head, start_n, 0]).reshape(keys.shape[0], offs_d.shape[0])
-        v = v_desc.load([v_seq, v_head, start_n, 0]).reshape(keys.shape[0], offs_d.shape[0])
-    elif TMA:
-        k = k_src.load([start_n, 0])
-        v = v_src.load([start_n, 0])
+    """The K and V block at key ``start_n`` from what ``_kv_sources`` gave. Pointer loads mask the
+    head dim, and the sequence end only where a block can reach it (BOUNDED)."""
+    if TMA:
+        k = _described_tile(k_src, start_n, keys.shape[0], offs_d.shape[0], TMA)
+        v = _described_tile(v_src, start_n, keys.shape[0], offs_d.shape[0], TMA)
     else:
         if BOUNDED:
             kv_mask = (keys[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
@@ -395,14 +410,8 @@ def sb_fwd_kernel(
         q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
-    if TMA == HOST_DESCRIPTORS:
-        k_ptrs = (K, pid_b, pid_hk)
-        v_ptrs = (V, pid_b, pid_hk)
-    else:
-        k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
-        v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
-        k_ptrs = _kv_source(k_base, seqlen, stride_kt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-        v_ptrs = _kv_source(v_base, seqlen, stride_vt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    k_ptrs, v_ptrs = _kv_sources(K, V, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                                 stride_vt, seqlen, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, IS_VARLEN, TMA)
 
     tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -558,7 +567,7 @@ def _dq_block(
 ):
     """Key block n of the dQ walk. MASKED: some rows start right of the block's first key (their
     ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end). K and V come
-    as ``_kv_source`` gives them."""
+    as ``_kv_sources`` gives them."""
     keys = n * BLOCK_N + offs_n
     k, v = _kv_block(k_ptrs, v_ptrs, n * BLOCK_N, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM, CAUSAL, TMA)
     ns = (n * BLOCK_N) // STATE_N
@@ -608,8 +617,6 @@ def sb_bwd_dq_kernel(
     if start_m >= seqlen:
         return
     q_base = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
-    k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
-    v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
     do_base = _head_base(DO, row0, pid_b, pid_h, stride_dob, stride_doh, stride_dot, IS_VARLEN)
     dr_base = _head_base(DREM, row0, pid_b, pid_h, stride_drb, stride_drh, stride_drt, IS_VARLEN)
     dq_base = _head_base(DQ, row0, pid_b, pid_h, stride_dqb, stride_dqh, stride_dqt, IS_VARLEN)
@@ -639,8 +646,8 @@ def sb_bwd_dq_kernel(
     # keys left of a row's first key are masked out.
     n_bottom = (tl.min(tl.where(row_ok, stop, 2147483647), 0) // STATE_N) * (STATE_N // BLOCK_N)
 
-    k_ptrs = _kv_source(k_base, seqlen, stride_kt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    v_ptrs = _kv_source(v_base, seqlen, stride_vt, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    k_ptrs, v_ptrs = _kv_sources(K, V, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                                 stride_vt, seqlen, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, IS_VARLEN, TMA)
     tri_suffix = _scan_matrix(BLOCK_N, True)
     tri_prefix = _scan_matrix(BLOCK_N, False)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -696,13 +703,13 @@ def _dkdv_tile(
 ):
     """dK and dV of the key block from query tile m of one head. MASKED: some row may start
     right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal.
-    With TMA, ``q_head`` and ``do_head`` are tensor descriptors of the head's rows, else
-    pointers to its first row."""
+    With TMA, ``q_head`` and ``do_head`` are what ``_described_tile`` reads, else pointers to
+    the head's first row."""
     offs_m = m * BLOCK_M + offs_mm
     row_ok = offs_m < seqlen
     if TMA:
-        q = q_head.load([m * BLOCK_M, 0])
-        do = do_head.load([m * BLOCK_M, 0])
+        q = _described_tile(q_head, m * BLOCK_M, BLOCK_M, offs_d.shape[0], TMA)
+        do = _described_tile(do_head, m * BLOCK_M, BLOCK_M, offs_d.shape[0], TMA)
     else:
         md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
@@ -759,11 +766,8 @@ def sb_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen:
         return
-    # Query-side bases at head 0: the loop below adds each head of the group.
-    q_base = _head_base(Q, row0, pid_b, 0, stride_qb, stride_qh, stride_qt, IS_VARLEN)
     k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
     v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
-    do_base = _head_base(DO, row0, pid_b, 0, stride_dob, stride_doh, stride_dot, IS_VARLEN)
     dk_base = _head_base(DK, row0, pid_b, pid_hk, stride_dkb, stride_dkh, stride_dkt, IS_VARLEN)
     dv_base = _head_base(DV, row0, pid_b, pid_hk, stride_dvb, stride_dvh, stride_dvt, IS_VARLEN)
     state_base = _state_base(CU_STATES, pid_b, IS_VARLEN)
@@ -792,9 +796,9 @@ def sb_bwd_dkdv_kernel(
     m_from = tl.maximum(m_first, m_below)
     m_masked_end = tl.where(start_n < tl.load(MAX_STOP + pid_bhk), m_last + 1, m_from)
     # With TMA, a block no query tile reached (block skipping stopped every walk right of it)
-    # visits no head: its tile loops would all be empty, but the heads' tensor descriptors would
-    # still be built, a global write and a fence each, in what is most programs when most keys
-    # are skipped. The pointer loads keep the plain loop: with the skip, their T=4096 backward
+    # visits no head: its tile loops would all be empty, but device-made descriptors would still
+    # be built, a global write and a fence each, in what is most programs when most keys are
+    # skipped. The pointer loads keep the plain loop: with the skip, their T=4096 backward
     # measured 3-4% slower on the H200 (reports/NVIDIA_H200/README.md, Hopper levers).
     if TMA:
         heads_visited = tl.where(m_last >= m_first, group, 0)
@@ -802,12 +806,15 @@ def sb_bwd_dkdv_kernel(
         heads_visited = group
     for hg in range(0, heads_visited):
         pid_h = pid_hk * group + hg
-        if TMA:
-            q_head = _rows_descriptor(q_base + pid_h * stride_qh, seqlen, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D)
-            do_head = _rows_descriptor(do_base + pid_h * stride_doh, seqlen, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D)
+        if TMA == HOST_DESCRIPTORS:
+            q_head = (Q, pid_b, pid_h)
+            do_head = (DO, pid_b, pid_h)
         else:
-            q_head = q_base + pid_h * stride_qh
-            do_head = do_base + pid_h * stride_doh
+            q_head = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
+            do_head = _head_base(DO, row0, pid_b, pid_h, stride_dob, stride_doh, stride_dot, IS_VARLEN)
+            if TMA:
+                q_head = _rows_descriptor(q_head, seqlen, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D)
+                do_head = _rows_descriptor(do_head, seqlen, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D)
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):

@@ -140,23 +140,27 @@ def _logrem_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
-def forward_descriptors(varlen: bool) -> int:
-    """Where the forward's TMA loads get their descriptors: dense inputs from descriptors of the
-    whole (B, H_kv, T, D) tensors made on the host, which need no scratch memory; packed ones
-    from per-head descriptors made in the kernel, whose bounds end each sequence."""
+def descriptor_kind(varlen: bool) -> int:
+    """Where TMA loads get their descriptors: dense inputs from descriptors of the whole
+    (B, H, T, D) tensors made on the host, which need no scratch memory; packed ones from
+    per-head descriptors made in the kernel, whose bounds end each sequence."""
     return kernels.DEVICE_DESCRIPTORS if varlen else kernels.HOST_DESCRIPTORS
 
 
-def _forward_kv(options: dict[str, Any], k: torch.Tensor, v: torch.Tensor, varlen: bool) -> dict[str, Any]:
-    """The forward's K and V arguments and its TMA mode (kernels.POINTER_LOADS, DEVICE_DESCRIPTORS
-    or HOST_DESCRIPTORS, as ``forward_descriptors`` chooses)."""
-    if not _tma_loads(options["TMA"], k, v):
-        return {"K": k, "V": v, "TMA": kernels.POINTER_LOADS}
-    if forward_descriptors(varlen) == kernels.DEVICE_DESCRIPTORS:
-        return {"K": k, "V": v, "TMA": kernels.DEVICE_DESCRIPTORS}
-    block = [1, 1, options["BLOCK_N"], options["BLOCK_D"]]
-    k_desc, v_desc = (TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
-    return {"K": k_desc, "V": v_desc, "TMA": kernels.HOST_DESCRIPTORS}
+def _walked_tiles(
+    wanted: bool, varlen: bool, tensors: Mapping[str, torch.Tensor], rows: int, block_d: int, *check: torch.Tensor
+) -> tuple[int, dict[str, Any]]:
+    """(TMA mode, kernel arguments) for the tensors a kernel walks in tiles of ``rows`` rows:
+    POINTER_LOADS unless the config asks for TMA (``wanted``) and every tensor (``tensors`` and
+    ``check``) allows it, else ``descriptor_kind``'s; with HOST_DESCRIPTORS the arguments are
+    descriptors of the dense tensors."""
+    if not _tma_loads(wanted, *tensors.values(), *check):
+        return kernels.POINTER_LOADS, dict(tensors)
+    kind = descriptor_kind(varlen)
+    if kind == kernels.DEVICE_DESCRIPTORS:
+        return kind, dict(tensors)
+    block = [1, 1, rows, block_d]
+    return kind, {name: TensorDescriptor(x, list(x.shape), list(x.stride()), block) for name, x in tensors.items()}
 
 
 @torch.library.custom_op("sbbench::triton_sb_fwd", mutates_args=())
@@ -186,10 +190,10 @@ def triton_sb_fwd(
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
-    options.update(_forward_kv(options, k, v, varlen))
+    options["TMA"], kv = _walked_tiles(options["TMA"], varlen, {"K": k, "V": v}, options["BLOCK_N"], options["BLOCK_D"])
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
-        Q=q, O=o, REM=rem, LOGREM=logrem, STOP=stop,
+        Q=q, O=o, REM=rem, LOGREM=logrem, STOP=stop, **kv,
         CU_SEQLENS=cu_seqlens if varlen else rem,  # unread when dense: any pointer will do
         **_strides("q", q, varlen), **_strides("k", k, varlen), **_strides("v", v, varlen),
         **_strides("o", o, varlen), **_strides("r", rem, varlen),
@@ -303,9 +307,7 @@ def triton_sb_bwd(
     state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)
-    tma = _tma_loads(options["bwd_dq"]["TMA"], q, k, v, do)
-    for kernel in ("bwd_dq", "bwd_dkdv"):
-        options[kernel]["TMA"] = tma
+    block_d = options["bwd_dq"]["BLOCK_D"]
     # Arguments both kernels of every launch take alike.
     shared = dict(
         CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do
@@ -319,6 +321,11 @@ def triton_sb_bwd(
         n_kv, h0, h1 = hk1 - hk0, hk0 * group, hk1 * group
         qc, doc, dremc, dqc = (x[:, h0:h1] for x in (q, do, drem, dq))
         kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
+        # The dQ kernel walks K and V, the dK/dV kernel q and dO; all four must allow TMA.
+        options["bwd_dq"]["TMA"], dq_walks = _walked_tiles(
+            config["bwd_loads"] == "tma", varlen, {"K": kc, "V": vc}, config["bwd_BLOCK_N"], block_d, qc, doc)
+        options["bwd_dkdv"]["TMA"], dkdv_walks = _walked_tiles(
+            config["bwd_loads"] == "tma", varlen, {"Q": qc, "DO": doc}, config["bwd_dkdv_BLOCK_M"], block_d, kc, vc)
         this_launch = dict(
             shared, Q=qc, K=kc, V=vc, DO=doc, STOP=stop[h0:h1],
             # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
@@ -332,12 +339,12 @@ def triton_sb_bwd(
         kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m) * q_pairs,)](
             DREM=dremc, LOGREM=logrem[h0:h1], DQ=dqc, **_strides("dr", dremc, varlen), **_strides("dq", dqc, varlen),
             num_heads=h1 - h0, num_pairs=q_pairs, sched_pairs=SCHED_PAIRS_QUERY_MAJOR,
-            **this_launch, **options["bwd_dq"],
+            **{**this_launch, **dq_walks}, **options["bwd_dq"],
         )
         kernels.sb_bwd_dkdv_kernel[(num_key_blocks * kv_pairs,)](
             DK=dkc, DV=dvc, **_strides("dk", dkc, varlen), **_strides("dv", dvc, varlen),
             num_kv_heads=n_kv, num_pairs=kv_pairs, sched_pairs=SCHED_PAIRS_KEY_MAJOR,
-            **this_launch, **options["bwd_dkdv"],
+            **{**this_launch, **dkdv_walks}, **options["bwd_dkdv"],
         )
     return dq, dk, dv
 

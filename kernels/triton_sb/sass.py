@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sbbench.kernels.triton_sb import kernels
-from sbbench.kernels.triton_sb.op import _logrem_dtype, forward_descriptors, launch_options
+from sbbench.kernels.triton_sb.op import _logrem_dtype, descriptor_kind, launch_options
 from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, LAUNCH_PARAMS, config_from_list, config_to_list
 
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
@@ -81,12 +81,18 @@ class Build:
         return [loop for loop in self.loops if loop.count("MUFU")]
 
 
-def _signature(fn, constexprs: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict, dict]:
+# The tensors each kernel walks in tiles (through descriptors with TMA) and the tile's row count.
+_WALKED = {"fwd": (("K", "V"), "BLOCK_N"), "bwd_dq": (("K", "V"), "BLOCK_N"), "bwd_dkdv": (("Q", "DO"), "BLOCK_M")}
+
+
+def _signature(kernel: str, constexprs: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict, dict]:
+    fn = KERNELS[kernel]
     signature, attrs = {}, {}
     pointer_types = {**_POINTER_TYPES, "LOGREM": "*fp64" if _logrem_dtype(dtype) == torch.float64 else "*fp32"}
     if constexprs.get("TMA") == kernels.HOST_DESCRIPTORS:
-        block = f"[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_D']}]"
-        pointer_types.update(K=f"tensordesc<{_TRITON_DTYPES[dtype]}{block}>", V=f"tensordesc<{_TRITON_DTYPES[dtype]}{block}>")
+        names, rows = _WALKED[kernel]
+        descriptor = f"tensordesc<{_TRITON_DTYPES[dtype]}[1, 1, {constexprs[rows]}, {constexprs['BLOCK_D']}]>"
+        pointer_types.update(dict.fromkeys(names, descriptor))
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
@@ -156,16 +162,16 @@ def build(
     # Through the int list, as the custom ops receive it.
     full = config_from_list(config_to_list(config or {}))
     constexprs = dict(launch_options(full, dtype, head_dim, attend_current, varlen)[kernel])
+    # As op launches a training step on aligned inputs.
+    if constexprs["TMA"]:
+        constexprs["TMA"] = descriptor_kind(varlen)
     if kernel == "fwd":
-        # As op._forward_kv launches a training forward on aligned inputs.
         constexprs["STATS"] = True
-        if constexprs["TMA"]:
-            constexprs["TMA"] = forward_descriptors(varlen)
     # Compiler options (warps, stages, a register cap) go to triton.compile, the rest are constexprs.
     compile_options = {name: constexprs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
                        if name in constexprs}
     fn = KERNELS[kernel]
-    signature, attrs = _signature(fn, constexprs, dtype)
+    signature, attrs = _signature(kernel, constexprs, dtype)
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
