@@ -96,6 +96,7 @@ def _forward_backward(q, k, v, attend_current, config, cu_seqlens=None, max_seql
 
 POINTER_LOADS = {"fwd_loads": "pointer", "bwd_loads": "pointer"}
 TMA_LOADS = {"fwd_loads": "tma", "bwd_loads": "tma"}
+HOST_MADE = {**TMA_LOADS, "bwd_descriptors": "host"}
 
 
 @pytest.mark.parametrize("attend_current", [False, True])
@@ -114,12 +115,13 @@ def test_tma_loads_read_what_pointer_loads_read(varlen, attend_current, device):
         extra = {}
     assert triton_op.tma_loads_possible(q, k, v)
     pointer = _forward_backward(q, k, v, attend_current, {**SMALL, **POINTER_LOADS}, **extra)
-    tma = _forward_backward(q, k, v, attend_current, {**SMALL, **TMA_LOADS}, **extra)
-    for mine, ref in zip(tma, pointer):
-        if device == "cpu":  # the interpreter: same values loaded, same arithmetic
-            assert torch.equal(mine, ref)
-        else:  # the GPU compiles each its own way; both are held to the oracle elsewhere
-            torch.testing.assert_close(mine, ref, rtol=2e-3, atol=2e-3)
+    for descriptors in (TMA_LOADS, HOST_MADE):
+        tma = _forward_backward(q, k, v, attend_current, {**SMALL, **descriptors}, **extra)
+        for mine, ref in zip(tma, pointer):
+            if device == "cpu":  # the interpreter: same values loaded, same arithmetic
+                assert torch.equal(mine, ref)
+            else:  # the GPU compiles each its own way; both are held to the oracle elsewhere
+                torch.testing.assert_close(mine, ref, rtol=2e-3, atol=2e-3)
     errors = _compare(q, k, v, attend_current, {**SMALL, **TMA_LOADS}, **extra)
     assert max(errors.values()) < TOL[torch.float16], errors
 
@@ -144,12 +146,17 @@ def test_dense_inputs_are_walked_through_host_descriptors(device):
     q, k, v = _inputs((1, 2, 37, 24), 2, torch.float16, device)
     misaligned = torch.randn(1, 2, 37, 25, device=device).to(torch.float16)[..., 1:]  # base 2 bytes in
     walked = {"K": k, "V": v}
+    host, device_made = 2, 1
+    kinds = {(kernel, bwd, varlen): triton_op.descriptor_kind(kernel, {"bwd_descriptors": bwd}, varlen)
+             for kernel in ("fwd", "bwd_dq", "bwd_dkdv") for bwd in ("kernel", "host") for varlen in (False, True)}
+    assert {key for key, kind in kinds.items() if kind == host} == {
+        ("fwd", "kernel", False), ("fwd", "host", False), ("bwd_dq", "host", False), ("bwd_dkdv", "host", False)}
     chosen = {
-        "dense": triton_op._walked_tiles(True, False, walked, 16, 32),
-        "packed": triton_op._walked_tiles(True, True, walked, 16, 32),
-        "pointer config": triton_op._walked_tiles(False, False, walked, 16, 32),
-        "misaligned": triton_op._walked_tiles(True, False, {"K": misaligned, "V": misaligned}, 16, 32),
-        "misaligned check": triton_op._walked_tiles(True, False, walked, 16, 32, q, misaligned),
+        "dense": triton_op._walked_tiles(True, host, walked, 16, 32),
+        "packed": triton_op._walked_tiles(True, device_made, walked, 16, 32),
+        "pointer config": triton_op._walked_tiles(False, host, walked, 16, 32),
+        "misaligned": triton_op._walked_tiles(True, host, {"K": misaligned, "V": misaligned}, 16, 32),
+        "misaligned check": triton_op._walked_tiles(True, host, walked, 16, 32, q, misaligned),
     }
     assert {name: int(mode) for name, (mode, _) in chosen.items()} == {
         "dense": 2, "packed": 1, "pointer config": 0, "misaligned": 0, "misaligned check": 0}
@@ -283,7 +290,7 @@ def _grads(q, k, v, config, cu_seqlens=None, max_seqlen=None):
     return torch.autograd.grad((o, rem), (q, k, v), (do, drem))
 
 
-@pytest.mark.parametrize("loads", ["pointer", "tma"])
+@pytest.mark.parametrize("loads", ["pointer", "tma", "tma_host"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_backward_by_head_groups_is_bit_identical(varlen, loads, device, monkeypatch):
     """Under a boundary-state budget the backward runs one launch pair per group of kv heads; with
@@ -292,7 +299,7 @@ def test_backward_by_head_groups_is_bit_identical(varlen, loads, device, monkeyp
     move them). The grouped run also orders its programs in chunks of 3 (sequence, head) pairs,
     the last one partial, where the whole run has one chunk: the launch order must not move them
     either."""
-    config = {**SMALL, "fwd_loads": loads, "bwd_loads": loads}
+    config = {**SMALL, **{"pointer": POINTER_LOADS, "tma": TMA_LOADS, "tma_host": HOST_MADE}[loads]}
     if varlen:
         lengths = [40, 1, 23]
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)

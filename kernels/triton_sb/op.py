@@ -140,23 +140,25 @@ def _logrem_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float32 else torch.float32
 
 
-def descriptor_kind(varlen: bool) -> int:
-    """Where TMA loads get their descriptors: dense inputs from descriptors of the whole
-    (B, H, T, D) tensors made on the host, which need no scratch memory; packed ones from
-    per-head descriptors made in the kernel, whose bounds end each sequence."""
-    return kernels.DEVICE_DESCRIPTORS if varlen else kernels.HOST_DESCRIPTORS
+def descriptor_kind(kernel: str, config: Mapping[str, Any], varlen: bool) -> int:
+    """Where a kernel's TMA loads get their descriptors. Packed inputs: per-head descriptors made
+    in the kernel, whose bounds end each sequence. Dense ones: descriptors of the whole
+    (B, H, T, D) tensors made on the host, which need no scratch memory, for the forward always
+    and for the backward kernels as ``bwd_descriptors`` says."""
+    if varlen or (kernel != "fwd" and config["bwd_descriptors"] == "kernel"):
+        return kernels.DEVICE_DESCRIPTORS
+    return kernels.HOST_DESCRIPTORS
 
 
 def _walked_tiles(
-    wanted: bool, varlen: bool, tensors: Mapping[str, torch.Tensor], rows: int, block_d: int, *check: torch.Tensor
+    wanted: bool, kind: int, tensors: Mapping[str, torch.Tensor], rows: int, block_d: int, *check: torch.Tensor
 ) -> tuple[int, dict[str, Any]]:
     """(TMA mode, kernel arguments) for the tensors a kernel walks in tiles of ``rows`` rows:
     POINTER_LOADS unless the config asks for TMA (``wanted``) and every tensor (``tensors`` and
-    ``check``) allows it, else ``descriptor_kind``'s; with HOST_DESCRIPTORS the arguments are
-    descriptors of the dense tensors."""
+    ``check``) allows it, else ``kind`` (``descriptor_kind``); with HOST_DESCRIPTORS the
+    arguments are descriptors of the dense tensors."""
     if not _tma_loads(wanted, *tensors.values(), *check):
         return kernels.POINTER_LOADS, dict(tensors)
-    kind = descriptor_kind(varlen)
     if kind == kernels.DEVICE_DESCRIPTORS:
         return kind, dict(tensors)
     block = [1, 1, rows, block_d]
@@ -190,7 +192,8 @@ def triton_sb_fwd(
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
-    options["TMA"], kv = _walked_tiles(options["TMA"], varlen, {"K": k, "V": v}, options["BLOCK_N"], options["BLOCK_D"])
+    options["TMA"], kv = _walked_tiles(options["TMA"], descriptor_kind("fwd", config, varlen), {"K": k, "V": v},
+                                       options["BLOCK_N"], options["BLOCK_D"])
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
         Q=q, O=o, REM=rem, LOGREM=logrem, STOP=stop, **kv,
@@ -323,9 +326,11 @@ def triton_sb_bwd(
         kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
         # The dQ kernel walks K and V, the dK/dV kernel q and dO; all four must allow TMA.
         options["bwd_dq"]["TMA"], dq_walks = _walked_tiles(
-            config["bwd_loads"] == "tma", varlen, {"K": kc, "V": vc}, config["bwd_BLOCK_N"], block_d, qc, doc)
+            config["bwd_loads"] == "tma", descriptor_kind("bwd_dq", config, varlen), {"K": kc, "V": vc},
+            config["bwd_BLOCK_N"], block_d, qc, doc)
         options["bwd_dkdv"]["TMA"], dkdv_walks = _walked_tiles(
-            config["bwd_loads"] == "tma", varlen, {"Q": qc, "DO": doc}, config["bwd_dkdv_BLOCK_M"], block_d, kc, vc)
+            config["bwd_loads"] == "tma", descriptor_kind("bwd_dkdv", config, varlen), {"Q": qc, "DO": doc},
+            config["bwd_dkdv_BLOCK_M"], block_d, kc, vc)
         this_launch = dict(
             shared, Q=qc, K=kc, V=vc, DO=doc, STOP=stop[h0:h1],
             # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).

@@ -19,6 +19,7 @@ from sbbench.core.registry import Param, Rule
 SKIP_OFF = -(10**6)
 SCAN_CODES = {"dot": 1, "cumsum": 0}
 LOADS_CODES = {"pointer": 0, "tma": 1}
+DESCRIPTOR_CODES = {"kernel": 0, "host": 1}
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,12 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     # How the backward reads the blocks it walks (K and V in the dQ kernel, q and dO in the dK/dV
     # kernel), as fwd_loads for the forward.
     _named("bwd_loads", LOADS_CODES, "bwd", "pointer"),
+    # Where the backward's TMA descriptors of dense inputs are made: in the kernel, one per program
+    # (and per head of a GQA group in the dK/dV kernel), or once per launch on the host. The
+    # host's cost no descriptor set-up but address their tiles with four coordinates, which adds
+    # instructions to the hot loops; which pays differs by head dim, so the tuned configs choose.
+    # (The forward always takes host-made ones for dense inputs: they hold no scratch memory.)
+    _named("bwd_descriptors", DESCRIPTOR_CODES, "bwd", "kernel"),
 )
 
 CONFIG_SPACE: tuple[Param, ...] = LAUNCH_PARAMS

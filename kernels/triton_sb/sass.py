@@ -164,7 +164,7 @@ def build(
     constexprs = dict(launch_options(full, dtype, head_dim, attend_current, varlen)[kernel])
     # As op launches a training step on aligned inputs.
     if constexprs["TMA"]:
-        constexprs["TMA"] = descriptor_kind(varlen)
+        constexprs["TMA"] = descriptor_kind(kernel, full, varlen)
     if kernel == "fwd":
         constexprs["STATS"] = True
     # Compiler options (warps, stages, a register cap) go to triton.compile, the rest are constexprs.
