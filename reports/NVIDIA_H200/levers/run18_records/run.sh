@@ -7,6 +7,7 @@ export PYTHONUNBUFFERED=1
 export SBBENCH_GIT_COMMIT=${SBBENCH_GIT_COMMIT:-$(cat .commit 2>/dev/null || echo unknown)}
 D=${RESULTS:-/tmp/run18}
 mkdir -p "$D"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
 pack() { tar czf "${OUT:-/tmp}/run18.tgz" -C "$(dirname "$D")" "$(basename "$D")"; }
 CURRENT="$D/bench.json" GATE_JSON="$D/gate.json" timeout 190 bash ci/gpu_gate.sh bench gate > "$D/gate.log" 2>&1; pack
