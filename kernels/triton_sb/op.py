@@ -150,6 +150,11 @@ def descriptor_kind(kernel: str, config: Mapping[str, Any], varlen: bool) -> int
     return kernels.HOST_DESCRIPTORS
 
 
+# The tensors each kernel walks in tiles (through descriptors with TMA loads), and the launch
+# option that is the tile's row count.
+WALKED_TILES = {"fwd": (("K", "V"), "BLOCK_N"), "bwd_dq": (("K", "V"), "BLOCK_N"), "bwd_dkdv": (("Q", "DO"), "BLOCK_M")}
+
+
 def _walked_tiles(
     wanted: bool, kind: int, tensors: Mapping[str, torch.Tensor], rows: int, block_d: int, *check: torch.Tensor
 ) -> tuple[int, dict[str, Any]]:
@@ -192,8 +197,9 @@ def triton_sb_fwd(
     if rows == 0:
         return o, rem, logrem, stop
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)["fwd"]
-    options["TMA"], kv = _walked_tiles(options["TMA"], descriptor_kind("fwd", config, varlen), {"K": k, "V": v},
-                                       options["BLOCK_N"], options["BLOCK_D"])
+    names, rows_option = WALKED_TILES["fwd"]
+    options["TMA"], kv = _walked_tiles(options["TMA"], descriptor_kind("fwd", config, varlen), dict(zip(names, (k, v))),
+                                       options[rows_option], options["BLOCK_D"])
     pairs = n_seq * heads
     kernels.sb_fwd_kernel[(triton.cdiv(longest, options["BLOCK_M"]) * pairs,)](
         Q=q, O=o, REM=rem, LOGREM=logrem, STOP=stop, **kv,
@@ -310,7 +316,7 @@ def triton_sb_bwd(
     state_p = torch.empty((kv_step * group, state_total), dtype=torch.float32, device=q.device)
     drem_rem = torch.empty((kv_step * group, rows), dtype=torch.float32, device=q.device)
     options = launch_options(config, q.dtype, head_dim, attend_current, varlen)
-    block_d = options["bwd_dq"]["BLOCK_D"]
+    wanted_tma = options["bwd_dq"]["TMA"]
     # Arguments both kernels of every launch take alike.
     shared = dict(
         CU_SEQLENS=cu_seqlens if varlen else stop,  # unread when dense: any pointer will do
@@ -324,13 +330,15 @@ def triton_sb_bwd(
         n_kv, h0, h1 = hk1 - hk0, hk0 * group, hk1 * group
         qc, doc, dremc, dqc = (x[:, h0:h1] for x in (q, do, drem, dq))
         kc, vc, dkc, dvc = (x[:, hk0:hk1] for x in (k, v, dk, dv))
-        # The dQ kernel walks K and V, the dK/dV kernel q and dO; all four must allow TMA.
-        options["bwd_dq"]["TMA"], dq_walks = _walked_tiles(
-            config["bwd_loads"] == "tma", descriptor_kind("bwd_dq", config, varlen), {"K": kc, "V": vc},
-            config["bwd_BLOCK_N"], block_d, qc, doc)
-        options["bwd_dkdv"]["TMA"], dkdv_walks = _walked_tiles(
-            config["bwd_loads"] == "tma", descriptor_kind("bwd_dkdv", config, varlen), {"Q": qc, "DO": doc},
-            config["bwd_dkdv_BLOCK_M"], block_d, kc, vc)
+        # Each kernel walks two of these; both kernels take TMA loads only if all four allow them.
+        launch_tensors = {"Q": qc, "K": kc, "V": vc, "DO": doc}
+        walks = {}
+        for kernel in ("bwd_dq", "bwd_dkdv"):
+            names, rows = WALKED_TILES[kernel]
+            options[kernel]["TMA"], walks[kernel] = _walked_tiles(
+                wanted_tma, descriptor_kind(kernel, config, varlen), {name: launch_tensors[name] for name in names},
+                options[kernel][rows], options[kernel]["BLOCK_D"],
+                *(x for name, x in launch_tensors.items() if name not in names))
         this_launch = dict(
             shared, Q=qc, K=kc, V=vc, DO=doc, STOP=stop[h0:h1],
             # Per (sequence, kv head, key block): the last row whose walk reached the block (-1: none).
@@ -344,12 +352,12 @@ def triton_sb_bwd(
         kernels.sb_bwd_dq_kernel[(triton.cdiv(longest, block_m) * q_pairs,)](
             DREM=dremc, LOGREM=logrem[h0:h1], DQ=dqc, **_strides("dr", dremc, varlen), **_strides("dq", dqc, varlen),
             num_heads=h1 - h0, num_pairs=q_pairs, sched_pairs=SCHED_PAIRS_QUERY_MAJOR,
-            **{**this_launch, **dq_walks}, **options["bwd_dq"],
+            **{**this_launch, **walks["bwd_dq"]}, **options["bwd_dq"],
         )
         kernels.sb_bwd_dkdv_kernel[(num_key_blocks * kv_pairs,)](
             DK=dkc, DV=dvc, **_strides("dk", dkc, varlen), **_strides("dv", dvc, varlen),
             num_kv_heads=n_kv, num_pairs=kv_pairs, sched_pairs=SCHED_PAIRS_KEY_MAJOR,
-            **{**this_launch, **dkdv_walks}, **options["bwd_dkdv"],
+            **{**this_launch, **walks["bwd_dkdv"]}, **options["bwd_dkdv"],
         )
     return dq, dk, dv
 

@@ -135,8 +135,8 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     # kernel), as fwd_loads for the forward.
     _named("bwd_loads", LOADS_CODES, "bwd", "pointer"),
     # Where the backward's TMA descriptors of dense inputs are made: in the kernel, one per program
-    # (and per head of a GQA group in the dK/dV kernel), or once per launch on the host. The
-    # host's cost no descriptor set-up but address their tiles with four coordinates, which adds
+    # (and per head of a GQA group in the dK/dV kernel), or once per launch on the host. Host-made
+    # ones cost no set-up in the kernel but address their tiles with four coordinates, which adds
     # instructions to the hot loops; which pays differs by head dim, so the tuned configs choose.
     # (The forward always takes host-made ones for dense inputs: they hold no scratch memory.)
     _named("bwd_descriptors", DESCRIPTOR_CODES, "bwd", "kernel"),

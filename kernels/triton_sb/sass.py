@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sbbench.kernels.triton_sb import kernels
-from sbbench.kernels.triton_sb.op import _logrem_dtype, descriptor_kind, launch_options
+from sbbench.kernels.triton_sb.op import WALKED_TILES, _logrem_dtype, descriptor_kind, launch_options
 from sbbench.kernels.triton_sb.params import CONFIG_FIELDS, LAUNCH_PARAMS, config_from_list, config_to_list
 
 KERNELS = {"fwd": kernels.sb_fwd_kernel, "bwd_dq": kernels.sb_bwd_dq_kernel, "bwd_dkdv": kernels.sb_bwd_dkdv_kernel}
@@ -81,16 +81,12 @@ class Build:
         return [loop for loop in self.loops if loop.count("MUFU")]
 
 
-# The tensors each kernel walks in tiles (through descriptors with TMA) and the tile's row count.
-_WALKED = {"fwd": (("K", "V"), "BLOCK_N"), "bwd_dq": (("K", "V"), "BLOCK_N"), "bwd_dkdv": (("Q", "DO"), "BLOCK_M")}
-
-
 def _signature(kernel: str, constexprs: Mapping[str, Any], dtype: torch.dtype) -> tuple[dict, dict]:
     fn = KERNELS[kernel]
     signature, attrs = {}, {}
     pointer_types = {**_POINTER_TYPES, "LOGREM": "*fp64" if _logrem_dtype(dtype) == torch.float64 else "*fp32"}
     if constexprs.get("TMA") == kernels.HOST_DESCRIPTORS:
-        names, rows = _WALKED[kernel]
+        names, rows = WALKED_TILES[kernel]
         descriptor = f"tensordesc<{_TRITON_DTYPES[dtype]}[1, 1, {constexprs[rows]}, {constexprs['BLOCK_D']}]>"
         pointer_types.update(dict.fromkeys(names, descriptor))
     for i, name in enumerate(fn.arg_names):
