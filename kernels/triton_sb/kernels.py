@@ -61,8 +61,8 @@ NATIVE_ASM: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1
 # describe one head's rows each, which packed sequences need (a sequence's end must read as
 # zeros), but take 128 bytes of global scratch per descriptor and program and a global write and
 # fence to build. Descriptors made on the host describe a whole dense (B, H, T, D) tensor, one per
-# launch and no scratch: what dense inputs use, so that inference holds no more memory than its
-# outputs.
+# launch and no scratch: what the forward uses for dense inputs, so that inference holds no more
+# memory than its outputs, and the backward kernels as their config says (op.descriptor_kind).
 POINTER_LOADS: tl.constexpr = tl.constexpr(0)
 DEVICE_DESCRIPTORS: tl.constexpr = tl.constexpr(1)
 HOST_DESCRIPTORS: tl.constexpr = tl.constexpr(2)
