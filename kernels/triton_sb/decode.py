@@ -52,7 +52,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from sbbench.kernels.triton_sb.kernels import NATIVE_ASM, _fwd_block, _suffix_matrix, _zero_stick
+from sbbench.kernels.triton_sb.kernels import NATIVE_ASM, _fwd_block, _scan_matrix, _zero_stick
 from sbbench.kernels.triton_sb.op import LOG2E, _block_d, _kernel_flags, _last_dim_contiguous
 from sbbench.kernels.triton_sb.params import SKIP_OFF
 
@@ -152,7 +152,7 @@ def sb_decode_split_kernel(
     k_ptrs = K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
 
-    neg_tri_suffix = _suffix_matrix(BLOCK_N)
+    tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry = _zero_stick(BLOCK_M, ACCURATE)
 
@@ -163,7 +163,7 @@ def sb_decode_split_kernel(
     for i in range(0, n_masked):
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (blk_hi - 1 - i) * BLOCK_N, position, offs_n, offs_d, context,
-            HEAD_DIM, scale2, stride_kt, stride_vt, neg_tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
+            HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
             PRECISION, ACCURATE, False,
         )
     blk = blk_hi - 1 - n_masked  # the next block to visit, walking left
@@ -189,7 +189,7 @@ def sb_decode_split_kernel(
             for i in range(0, trips):
                 acc, carry = _fwd_block(
                     acc, carry, q, k_ptrs, v_ptrs, (blk - i) * BLOCK_N, position, offs_n, offs_d, context,
-                    HEAD_DIM, scale2, stride_kt, stride_vt, neg_tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
+                    HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
                     BLOCK_D, SCAN, PRECISION, ACCURATE, False,
                 )
             blk = tl.where(live, lo - 1, blk)
@@ -206,7 +206,7 @@ def sb_decode_split_kernel(
         for i in range(0, blk - blk_lo + 1):
             acc, carry = _fwd_block(
                 acc, carry, q, k_ptrs, v_ptrs, (blk - i) * BLOCK_N, position, offs_n, offs_d, context,
-                HEAD_DIM, scale2, stride_kt, stride_vt, neg_tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
+                HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
                 BLOCK_D, SCAN, PRECISION, ACCURATE, False,
             )
         blk = blk_lo - 1

@@ -150,50 +150,40 @@ def _zero_stick(BLOCK_M: tl.constexpr, ACCURATE: tl.constexpr):
         return tl.zeros([BLOCK_M], dtype=tl.float32)
 
 
-# The within-block scans are exclusive: an entry's own value never passes through the fp16
-# rounding of the matrix-product scan, since a key with a saturated sigmoid (beta ~ 1) would
-# otherwise lose its weight and gradient to that rounding. The products start their accumulator
-# at the offset the scan is added to, so the tensor cores do the addition: one ALU op per score
-# fewer. Their float32 accumulation keeps fewer low bits than an FADD (it aligns the addends to
-# the largest), far below fp16's and bf16's rounding; float32 inputs (SCAN=0) take tl.cumsum and
-# plain adds.
-
-
 @triton.jit
-def _suffix_matrix(BLOCK_N: tl.constexpr):
-    """The matrix whose product with a row vector is *minus* its exclusive suffix sum (-1 where
-    l > j). The suffix sum is only ever subtracted, from the weights' exponent, so the product
-    yields that exponent directly: ex2 takes no negated operand, and a negation would cost an ALU
-    op per score. Built once per program, outside the key loop."""
+def _scan_matrix(BLOCK_N: tl.constexpr, REVERSE: tl.constexpr):
+    """The 0/1 matrix whose product with a row vector is its exclusive suffix (REVERSE) or prefix
+    sum. Built once per program, outside the key loop, and passed to ``_scan_excl``."""
     idx = tl.arange(0, BLOCK_N)
-    return -((idx[:, None] > idx[None, :]).to(tl.float16))
-
-
-@triton.jit
-def _prefix_matrix(BLOCK_N: tl.constexpr):
-    """The 0/1 matrix whose product with a row vector is its exclusive prefix sum."""
-    idx = tl.arange(0, BLOCK_N)
-    return (idx[:, None] < idx[None, :]).to(tl.float16)
-
-
-@triton.jit
-def _minus_suffix_onto(base, x, neg_tri_suffix, SCAN: tl.constexpr):
-    """base - (exclusive suffix sum of x >= 0 along the key axis), both [BLOCK_M, BLOCK_N]
-    float32; ``neg_tri_suffix`` is ``_suffix_matrix(BLOCK_N)``."""
-    if SCAN == 0:
-        return base - (tl.cumsum(x, axis=1, reverse=True) - x)
+    if REVERSE:
+        return (idx[:, None] > idx[None, :]).to(tl.float16)
     else:
-        return _scan_product(x, neg_tri_suffix, base, SCAN, True)
+        return (idx[:, None] < idx[None, :]).to(tl.float16)
 
 
 @triton.jit
-def _prefix_onto(base, x, tri_prefix, SCAN: tl.constexpr):
-    """base + (exclusive prefix sum of x along the key axis), both [BLOCK_M, BLOCK_N] float32;
-    ``tri_prefix`` is ``_prefix_matrix(BLOCK_N)``."""
+def _scan_excl(x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.constexpr):
+    """Exclusive running sum of x (fp32, [BLOCK_M, BLOCK_N]) along its key axis: of the entries
+    right of each one when REVERSE (suffix), else of those left of it (prefix); ``tri`` is
+    ``_scan_matrix(BLOCK_N, REVERSE)``. Exclusive, so an entry's own value never passes through
+    the fp16 rounding of the matrix-product scan: a key with a saturated sigmoid (beta ~ 1) would
+    otherwise lose its gradient to that rounding. NONNEG: x >= 0."""
     if SCAN == 0:
-        return base + (tl.cumsum(x, axis=1) - x)
+        return tl.cumsum(x, axis=1, reverse=REVERSE) - x
     else:
-        return _scan_product(x, tri_prefix, base, SCAN, False)
+        return _scan_product(x, tri, None, SCAN, NONNEG)
+
+
+@triton.jit
+def _scan_excl_onto(base, x, tri, SCAN: tl.constexpr, REVERSE: tl.constexpr, NONNEG: tl.constexpr):
+    """base + ``_scan_excl(x, ...)``, base a [BLOCK_M, BLOCK_N] float32 array. The matrix-product
+    scan starts its accumulator at base, so the tensor cores do the addition: one ALU op per score
+    fewer. Their float32 accumulation keeps fewer low bits than an FADD (it aligns the addends to
+    the largest), far below fp16's and bf16's rounding; float32 inputs never come here."""
+    if SCAN == 0:
+        return base + _scan_excl(x, tri, SCAN, REVERSE, NONNEG)
+    else:
+        return _scan_product(x, tri, base, SCAN, NONNEG)
 
 
 @triton.jit
@@ -358,7 +348,7 @@ def _kv_block(k_src, v_src, start_n, keys, offs_d, seqlen, stride_kt, stride_vt,
 @triton.jit
 def _fwd_block(
     acc, carry, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, offs_d, seqlen, HEAD_DIM: tl.constexpr, scale2,
-    stride_kt, stride_vt, neg_tri_suffix,
+    stride_kt, stride_vt, tri_suffix,
     MASKED: tl.constexpr, ATTEND_CURRENT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
     TMA: tl.constexpr,
@@ -374,9 +364,11 @@ def _fwd_block(
             valid = keys[None, :] < offs_m[:, None]
         z2 = tl.where(valid, z2, MASKED_LOGIT2)
     sp2, _ = _softplus2(z2, ACCURATE, SCAN)
-    # log2 A = log2 beta - (sticks broken by the keys right of it) = (z2 - sp2 - carry) - suffix.
-    log2_weights = _minus_suffix_onto(z2 - sp2 - carry.to(tl.float32)[:, None], sp2, neg_tri_suffix, SCAN)
-    weights = tl.exp2(log2_weights)
+    # log2 A = log2 beta - (sticks broken by the keys right of it) = z2 - sp2 - suffix - carry.
+    # The row offset is subtracted here rather than folded into the scan's accumulator, as the
+    # backward does: in this loop the fold saves no instruction and runs slower.
+    suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
+    weights = tl.exp2(z2 - sp2 - suffix - carry.to(tl.float32)[:, None])
     acc = tl.dot(weights.to(v.dtype), v, acc, input_precision=PRECISION)
     # Running log-stick (float64 for float32 inputs): the backward rebuilds it from the left as
     # total - prefix, which needs the total as exact as that prefix.
@@ -421,7 +413,7 @@ def sb_fwd_kernel(
     k_ptrs, v_ptrs = _kv_sources(K, V, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                                  stride_vt, seqlen, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, IS_VARLEN, TMA)
 
-    neg_tri_suffix = _suffix_matrix(BLOCK_N)
+    tri_suffix = _scan_matrix(BLOCK_N, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry = _zero_stick(BLOCK_M, ACCURATE)
 
@@ -430,7 +422,7 @@ def sb_fwd_kernel(
     for t in range(0, n_top - n_unmasked_top):
         acc, carry = _fwd_block(
             acc, carry, q, k_ptrs, v_ptrs, (n_top - t) * BLOCK_N, offs_m, offs_n, offs_d, seqlen,
-            HEAD_DIM, scale2, stride_kt, stride_vt, neg_tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
+            HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, True, ATTEND_CURRENT, BLOCK_N, BLOCK_D, SCAN,
             PRECISION, ACCURATE, TMA,
         )
 
@@ -450,7 +442,7 @@ def sb_fwd_kernel(
             for t in range(0, trips):
                 acc, carry = _fwd_block(
                     acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
-                    seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, neg_tri_suffix, False, ATTEND_CURRENT,
+                    seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT,
                     BLOCK_N, BLOCK_D, SCAN, PRECISION, ACCURATE, TMA,
                 )
             n_hi = tl.where(live, n_lo - 1, n_hi)
@@ -459,7 +451,7 @@ def sb_fwd_kernel(
         for t in range(0, n_hi + 1):
             acc, carry = _fwd_block(
                 acc, carry, q, k_ptrs, v_ptrs, (n_hi - t) * BLOCK_N, offs_m, offs_n, offs_d,
-                seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, neg_tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
+                seqlen, HEAD_DIM, scale2, stride_kt, stride_vt, tri_suffix, False, ATTEND_CURRENT, BLOCK_N,
                 BLOCK_D, SCAN, PRECISION, ACCURATE, TMA,
             )
         n_hi = -1
@@ -518,12 +510,17 @@ def _bwd_block_logits(
 
 @triton.jit
 def _bwd_block_weights(
-    sp2, log2_beta, r_right, do, v, neg_tri_suffix, SCAN: tl.constexpr, PRECISION: tl.constexpr,
+    sp2, log2_beta, r_right, do, v, tri_suffix,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
 ):
     """(A, g = A <do, v>) of one block, given per row the sum of sp2 right of it (``r_right``).
     Masked entries (z2 = MASKED_LOGIT2, so log2_beta ~ -1000) come out as A = g = 0 from the
     arithmetic itself."""
-    weights = tl.exp2(_minus_suffix_onto(log2_beta - r_right[:, None], sp2, neg_tri_suffix, SCAN))
+    if ACCURATE:
+        suffix = _scan_excl(sp2, tri_suffix, SCAN, True, True)
+        weights = tl.exp2(log2_beta - suffix - r_right[:, None])
+    else:
+        weights = tl.exp2(-_scan_excl_onto(r_right[:, None] - log2_beta, sp2, tri_suffix, SCAN, True, True))
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return weights, weights * dp
 
@@ -536,7 +533,7 @@ def _bwd_block_dz(
     A separate step from the weights so that the dK/dV kernel can issue its dV product, and
     free the weights' registers, before the prefix scan (the weights are dead by then)."""
     if ACCURATE:
-        p_excl = _prefix_onto(carry_p[:, None], g, tri_prefix, SCAN)
+        p_excl = _scan_excl(g, tri_prefix, SCAN, False, False) + carry_p[:, None]
         # float32 inputs: sigmoid(z) and 1 - sigmoid(z) from e = 2^-|z2| and one reciprocal:
         # 1/(1+e) is the larger of the two, e/(1+e) the smaller, each to a few ulps even where
         # the other rounds to 1; and g - beta (P_incl + drem rem), with P_incl = P_excl + g,
@@ -555,7 +552,7 @@ def _bwd_block_dz(
         # cancellation-free form, g (1 - beta) - beta (P_excl + drem rem), costs another
         # special-function op (1 - beta = 2^-sp2), an ALU op, and 32 live registers at a 64x64
         # tile, which the dK/dV kernel cannot spare without spilling.
-        p_incl = _prefix_onto(g + (carry_p + drem_rem)[:, None], g, tri_prefix, SCAN)
+        p_incl = _scan_excl_onto(g + (carry_p + drem_rem)[:, None], g, tri_prefix, SCAN, False, False)
         dz = g - tl.exp2(log2_beta) * p_incl
     return dz
 
@@ -563,7 +560,7 @@ def _bwd_block_dz(
 @triton.jit
 def _dq_block(
     dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen, stop,
-    total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, neg_tri_suffix, tri_prefix,
+    total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr, TMA: tl.constexpr,
@@ -583,7 +580,7 @@ def _dq_block(
     carry_f += sp_sum
     r_right = (total - carry_f).to(tl.float32)
     log2_beta = z2 - sp2
-    _, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, neg_tri_suffix, SCAN, PRECISION)
+    _, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
     dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dq = tl.dot(dz.to(k.dtype), k, dq, input_precision=PRECISION)
     carry_p += tl.sum(g, 1)
@@ -651,8 +648,8 @@ def sb_bwd_dq_kernel(
 
     k_ptrs, v_ptrs = _kv_sources(K, V, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                                  stride_vt, seqlen, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, IS_VARLEN, TMA)
-    neg_tri_suffix = _suffix_matrix(BLOCK_N)
-    tri_prefix = _prefix_matrix(BLOCK_N)
+    tri_suffix = _scan_matrix(BLOCK_N, True)
+    tri_prefix = _scan_matrix(BLOCK_N, False)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry_f = _zero_stick(BLOCK_M, ACCURATE)  # sp2 summed over blocks left of n
     carry_p = tl.zeros([BLOCK_M], dtype=tl.float32)  # g summed over blocks left of n
@@ -670,21 +667,21 @@ def sb_bwd_dq_kernel(
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
-            neg_tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
+            tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
             ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_whole), n_unmasked_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
-            neg_tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
+            tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
             ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
             stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
-            neg_tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
+            tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
             ACCURATE, TMA,
         )
     dq = dq * inv_temp
@@ -699,7 +696,7 @@ def sb_bwd_dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n, offs_d,
-    stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, neg_tri_suffix, tri_prefix,
+    stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr, TMA: tl.constexpr,
@@ -738,7 +735,7 @@ def _dkdv_tile(
         q, k, offs_n, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
     log2_beta = z2 - sp2
-    weights, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, neg_tri_suffix, SCAN, PRECISION)
+    weights, g = _bwd_block_weights(sp2, log2_beta, r_right, do, v, tri_suffix, SCAN, PRECISION, ACCURATE)
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
     dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
@@ -781,8 +778,8 @@ def sb_bwd_dkdv_kernel(
     nd_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nd_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nd_mask, other=0.0)
-    neg_tri_suffix = _suffix_matrix(BLOCK_N)
-    tri_prefix = _prefix_matrix(BLOCK_N)
+    tri_suffix = _scan_matrix(BLOCK_N, True)
+    tri_prefix = _scan_matrix(BLOCK_N, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -823,19 +820,19 @@ def sb_bwd_dkdv_kernel(
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
-                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, neg_tri_suffix, tri_prefix,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
                 True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
             )
         for m in range(m_from, m_masked_end):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
-                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, neg_tri_suffix, tri_prefix,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
                 True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
             )
         for m in range(m_masked_end, m_last + 1):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
-                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, neg_tri_suffix, tri_prefix,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
                 False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
             )
     dk = dk * inv_temp
