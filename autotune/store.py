@@ -14,11 +14,12 @@ mode), through the driver the ``sbbench[postgres]`` extra installs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from sbbench.core.config_loader import device_file_stem
 from sbbench.core.errors import ArgumentError
@@ -59,23 +60,27 @@ def open_storage(url: str | None) -> Any:
         raise ArgumentError("storage", f"expected a database URL such as sqlite:///path/tune.db or "
                          f"postgresql://user:pass@host/db, got {url!r}")
     engine_kwargs: dict[str, Any] = {}
+    sqlite_file: Path | None = None
     if url.startswith("sqlite:"):
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
+            sqlite_file = Path(path).expanduser()
             try:
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                sqlite_file.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ArgumentError("storage", f"cannot create the directory of {path}: {exc.strerror or exc}") from exc
         # Several threads (one per GPU) and other tuners on this host share the file: wait for
         # the lock instead of failing with "database is locked".
         engine_kwargs["connect_args"] = {"timeout": 120}
-    if url.split("://", 1)[0].split("+", 1)[0] in POSTGRES_SCHEMES:
+    is_postgres = url.split("://", 1)[0].split("+", 1)[0] in POSTGRES_SCHEMES
+    if is_postgres:
         url = postgres_url(url)
         # Tuners on other machines hold connections for hours; one the server or a firewall
         # dropped is replaced instead of failing a trial's write.
         engine_kwargs["pool_pre_ping"] = True
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with _setup_lock(url, engine_kwargs, is_postgres, sqlite_file):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as exc:
         raise ArgumentError("storage", f"the database driver for {url.split(':', 1)[0]} is not installed ({exc})") from exc
     except Exception as exc:  # SQLAlchemy raises many kinds; all mean the same to the user
@@ -104,6 +109,45 @@ def postgres_url(url: str) -> str:
     drivers = " or ".join(m for m, _ in wanted)
     raise ArgumentError("storage", f"{_hide_password(url)} needs a PostgreSQL driver ({drivers}), which is not "
                      "installed: pip install 'sbbench[postgres]'")
+
+
+# The PostgreSQL advisory lock (one bigint, any value no other program on the database uses)
+# under which a tuner opens the storage.
+SCHEMA_LOCK_KEY = 0x5BBE_0C4A_7A6E_0001
+
+
+@contextlib.contextmanager
+def _setup_lock(url: str, engine_kwargs: Mapping[str, Any], is_postgres: bool,
+                sqlite_file: Path | None) -> Iterator[None]:
+    """Held while Optuna opens the storage. Opening creates Optuna's tables where there are none,
+    by checking and then creating: tuners started together on a new database (several machines,
+    or several processes of one sweep script on one file) would all find none, and all but the
+    first would fail on what it created ("duplicate key value violates unique constraint",
+    "UNIQUE constraint failed: alembic_version"). Under the lock they take turns, and the later
+    ones find the tables. PostgreSQL: an advisory lock on the database; a SQLite file: an
+    exclusive ``flock`` on ``<file>.lock`` beside it; anything else: none."""
+    if is_postgres:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                yield
+        finally:
+            # Closes the locking session, which releases the lock, whether or not the storage opened.
+            engine.dispose()
+    elif sqlite_file is not None:
+        import fcntl
+
+        with open(f"{sqlite_file}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield
 
 
 def _hide_password(text: str) -> str:

@@ -138,7 +138,9 @@ def test_two_tuners_share_studies_and_survive_kill_9(postgres_url, tmp_path):
             trials = [t for ts in _studies(postgres_url).values() for t in ts]
             if len(_complete(trials, victim.pid)) >= 2 and _complete(trials, survivor.pid):
                 break
-            assert victim.poll() is None and survivor.poll() is None, "a tuner ended before the kill"
+            for proc in (victim, survivor):
+                if proc.poll() is not None:
+                    pytest.fail(f"a tuner ended before the kill (status {proc.returncode}):\n{proc.stdout.read()}")
             assert time.monotonic() < deadline, "the tuners finished no trials in 120 s"
             time.sleep(0.5)
         before = {(name, t.number): (t.params, t.value) for name, ts in _studies(postgres_url).items()
@@ -189,3 +191,22 @@ def test_postgres_url_without_a_driver_names_storage_and_the_extra(monkeypatch):
                         lambda name, *a: object() if name == "psycopg2" else None)
     assert store.postgres_url("postgres://h/db") == "postgresql+psycopg2://h/db"
     assert store.postgres_url("postgresql+psycopg2://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"
+
+
+
+def test_tuners_starting_together_on_a_new_database_all_open_it(postgres_url):
+    """Tuners started at once on a database Optuna has not set up yet: each one that finds no
+    tables creates them, and without a lock between them the slower ones fail ("duplicate key
+    value violates unique constraint"). All must open it."""
+    import sqlalchemy
+
+    from sbbench.autotune.store import postgres_url as with_driver
+    from tune_helpers import open_storage_together
+
+    name = f"race_{secrets.token_hex(4)}"
+    admin = sqlalchemy.create_engine(with_driver(postgres_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    failed = open_storage_together(postgres_url.rsplit("/", 1)[0] + "/" + name, processes=6)
+    assert not failed, failed

@@ -359,6 +359,16 @@ def test_changed_backend_space_gets_a_study_of_its_own(tmp_path, test_backends):
     assert plan.study_name.startswith(base + "-s") and "changed" in note
 
 
+def test_tuners_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path):
+    """Processes of one sweep script started at once on a new SQLite file: each that finds no
+    tables creates them, and without a lock between them the slower ones fail ("UNIQUE
+    constraint failed: alembic_version.version_num"). All must open it."""
+    from tune_helpers import open_storage_together
+
+    failed = open_storage_together(f"sqlite:///{tmp_path / 'shared.db'}", processes=8)
+    assert not failed, failed
+
+
 def test_export_with_nothing_to_export_says_so(env):
     result = _cli("export", "--storage", f"sqlite:///{env / 'empty.db'}", "--out", str(env / "out"))
     assert result.exit_code == 2 and "--storage" in result.output and "Traceback" not in result.output

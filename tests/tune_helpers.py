@@ -8,6 +8,8 @@ tune_helpers:register_test_backends``, :data:`PLUGIN`) to register the test-only
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +133,28 @@ def _summary_line(output: str, backend: str) -> str:
 def _real(trials):
     return [t for t in trials if t.state.is_finished() and t.user_attrs.get("duplicate_of") is None]
 
+
+
+# Run by each process of open_storage_together: wait for the shared start instant, then open.
+_OPEN_AT = """
+import sys, time
+from sbbench.autotune.store import open_storage
+url, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+try:
+    open_storage(url)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+    sys.exit(1)
+"""
+
+
+def open_storage_together(url: str, processes: int, lead_s: float = 8.0) -> list[str]:
+    """Open the tuning storage ``url`` from ``processes`` processes at one instant, ``lead_s``
+    after the call (time enough for each to import optuna and SQLAlchemy), as tuners started
+    together do; the output of each process that failed."""
+    start = time.time() + lead_s
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(processes)]
+    outcomes = [(proc.wait(timeout=120), proc.stdout.read()) for proc in procs]
+    return [out for status, out in outcomes if status != 0]
