@@ -125,7 +125,7 @@ def _setup_lock(url: str, engine_kwargs: Mapping[str, Any], is_postgres: bool,
     first would fail on what it created ("duplicate key value violates unique constraint",
     "UNIQUE constraint failed: alembic_version"). Under the lock they take turns, and the later
     ones find the tables. PostgreSQL: an advisory lock on the database; a SQLite file: an
-    exclusive ``flock`` on ``<file>.lock`` beside it; anything else: none."""
+    exclusive ``flock`` on ``<file>.lock`` beside it (on POSIX systems); anything else: none."""
     if is_postgres:
         import sqlalchemy
 
@@ -138,8 +138,11 @@ def _setup_lock(url: str, engine_kwargs: Mapping[str, Any], is_postgres: bool,
             # Closes the locking session, which releases the lock, whether or not the storage opened.
             engine.dispose()
     elif sqlite_file is not None:
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): SQLite's own locking alone, as before
+            yield
+            return
         with open(f"{sqlite_file}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
