@@ -140,7 +140,7 @@ def _setup_lock(url: str, engine_kwargs: Mapping[str, Any], is_postgres: bool,
     elif sqlite_file is not None:
         try:
             import fcntl
-        except ImportError:  # not POSIX (Windows): SQLite's own locking alone, as before
+        except ImportError:  # not POSIX (Windows): SQLite's own locking alone
             yield
             return
         with open(f"{sqlite_file}.lock", "a") as handle:
