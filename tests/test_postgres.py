@@ -193,7 +193,6 @@ def test_postgres_url_without_a_driver_names_storage_and_the_extra(monkeypatch):
     assert store.postgres_url("postgresql+psycopg2://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"
 
 
-
 def test_tuners_starting_together_on_a_new_database_all_open_it(postgres_url):
     """Tuners started at once on a database Optuna has not set up yet: each one that finds no
     tables creates them, and without a lock between them the slower ones fail ("duplicate key

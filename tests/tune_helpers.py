@@ -134,7 +134,6 @@ def _real(trials):
     return [t for t in trials if t.state.is_finished() and t.user_attrs.get("duplicate_of") is None]
 
 
-
 # Run by each process of open_storage_together: wait for the shared start instant, then open.
 _OPEN_AT = """
 import sys, time
@@ -156,5 +155,5 @@ def open_storage_together(url: str, processes: int, lead_s: float = 8.0) -> list
     start = time.time() + lead_s
     procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, str(start)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(processes)]
-    outcomes = [(proc.wait(timeout=120), proc.stdout.read()) for proc in procs]
-    return [out for status, out in outcomes if status != 0]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    return [out for proc, out in zip(procs, outputs) if proc.returncode != 0]
