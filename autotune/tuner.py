@@ -184,18 +184,23 @@ def _check_backend(settings: TuneSettings) -> Backend:
 
 
 def _sibling_lookup(backend: Backend, env: Mapping[str, Any]):
-    """Warm-start configs of a key from the tuned files of other GPUs of this architecture."""
+    """Warm-start configs of a key: from the tuned files of other GPUs of this architecture, then
+    the same key's configs in the other 16-bit float dtype, on this GPU and those."""
     capability = env.get("compute_capability")
     if not capability:
         return None
-    from sbbench.core.config_loader import same_architecture_configs
+    from sbbench.core.config_loader import SIBLING_DTYPES, same_architecture_configs
 
     def lookup(key: TuneKey, case: Case | DecodeCase) -> list[WarmStart]:
-        found = same_architecture_configs(
-            key.device, backend.name, tuple(capability), pass_=key.pass_, dtype=key.dtype, head_dim=key.head_dim,
-            gqa_group=key.gqa_group, attend_current=key.attend_current, seqlen=case.seqlen, batch=key.batch_bucket,
-        )
-        return [WarmStart(dict(config), str(path)) for config, path in found]
+        common = dict(pass_=key.pass_, head_dim=key.head_dim, gqa_group=key.gqa_group,
+                      attend_current=key.attend_current, seqlen=case.seqlen, batch=key.batch_bucket)
+        found = [WarmStart(dict(config), str(path)) for config, path in
+                 same_architecture_configs(key.device, backend.name, tuple(capability), dtype=key.dtype, **common)]
+        sibling = SIBLING_DTYPES.get(key.dtype)
+        if sibling is not None:
+            found += [WarmStart(dict(config), f"{path} ({sibling})") for config, path in same_architecture_configs(
+                key.device, backend.name, tuple(capability), dtype=sibling, include_own=True, **common)]
+        return found
 
     return lookup
 

@@ -300,6 +300,25 @@ def test_same_architecture_configs_for_a_warm_start(arch_dirs):
     assert config_loader.same_architecture_configs(H200, "triton", (7, 5), search_path=arch_dirs, **LOOKUP) == []
 
 
+def test_own_file_first_for_another_dtypes_warm_start(tmp_path):
+    """``include_own``: the device's own file first (an fp16 study starts from the key's bf16
+    configs on this GPU too), then the same-architecture files; without it, never the own file."""
+    bf16 = {**LOOKUP, "dtype": "bfloat16"}
+    own = write(tmp_path, H200, "triton", [entry({"fwd_block_q": 64, "fwd_block_k": 16}, dtype="bfloat16"),
+                                           entry({"fwd_block_q": 128, "fwd_block_k": 16}, dtype="float16")],
+                compute_capability=[9, 0])
+    other = write(tmp_path, H100, "triton", [entry({"fwd_block_q": 256, "fwd_block_k": 16}, dtype="bfloat16")],
+                  compute_capability=[9, 0])
+    write(tmp_path, A100, "triton", [entry({"fwd_block_q": 16, "fwd_block_k": 16}, dtype="bfloat16")],
+          compute_capability=[8, 0])
+    found = config_loader.same_architecture_configs(H200, "triton", (9, 0), search_path=[tmp_path], include_own=True,
+                                                    **bf16)
+    assert found == [({"fwd_block_q": 64, "fwd_block_k": 16}, own), ({"fwd_block_q": 256, "fwd_block_k": 16}, other)]
+    assert config_loader.same_architecture_configs(H200, "triton", (9, 0), search_path=[tmp_path], **bf16) == [
+        ({"fwd_block_q": 256, "fwd_block_k": 16}, other)]
+    assert config_loader.SIBLING_DTYPES == {"float16": "bfloat16", "bfloat16": "float16"}
+
+
 @pytest.mark.parametrize("capability", [(9,), "9.0", (9, 0.5), (-1, 0)])
 def test_compute_capability_argument_is_checked(arch_dirs, capability):
     with pytest.raises(ValueError, match="^compute_capability:"):

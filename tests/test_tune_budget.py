@@ -124,6 +124,31 @@ def test_the_time_budget_is_shared_so_every_study_runs(env, test_backends):
     assert budget_shares(plans, 70.0) == pytest.approx([50.0, 20.0])
 
 
+def test_warm_start_takes_the_sibling_dtypes_configs_of_this_gpu(tmp_path, test_backends, monkeypatch):
+    """A float16 study on a GPU whose file holds the key's bfloat16 config starts from it too,
+    named by its file and dtype; a float32 study does not."""
+    from sbbench.autotune.plan import TuneSettings, plan_studies
+    from sbbench.autotune.tuner import _sibling_lookup
+    from sbbench.core import config_loader
+    from sbbench.harness.cases import Case
+
+    backend = registry.get_backend(FLAKY)
+    path = config_loader.config_file(tmp_path, "Dev X", FLAKY)
+    config_loader.write_config_file(path, {
+        "schema_version": config_loader.SCHEMA_VERSION, "device": "Dev X", "backend": FLAKY,
+        "compute_capability": [9, 0],
+        "entries": [{"key": {"pass": "fwd", "dtype": "bfloat16", "head_dim": 8, "gqa_group": 1,
+                             "attend_current": False, "seqlen_bucket": 32}, "config": {"variant": "fast"}}]})
+    monkeypatch.setenv("SBBENCH_CONFIG_DIR", str(tmp_path))
+    lookup = _sibling_lookup(backend, {"compute_capability": [9, 0]})
+    plans = {}
+    for dtype in ("float16", "float32"):
+        settings = TuneSettings(backend=FLAKY, cases=[Case(1, 1, 1, 32, 8, dtype)], passes=("fwd",))
+        (plans[dtype],), _ = plan_studies(backend, settings, "Dev X", "cpu", siblings=lookup)
+    assert [(w.params, w.source) for w in plans["float16"].warm_start] == [({"variant": "fast"}, f"{path} (bfloat16)")]
+    assert plans["float32"].warm_start == []
+
+
 def test_warm_start_queues_the_default_then_other_gpus_configs(tmp_path, test_backends):
     from sbbench.autotune.plan import TuneSettings, WarmStart, plan_studies
     from sbbench.autotune.store import open_storage

@@ -248,8 +248,9 @@ def tune_command(
     timeout: Annotated[Optional[float], typer.Option(
         "--timeout", help="The same budget as --minutes, in seconds.", show_default=False)] = None,
     warm_start: Annotated[bool, typer.Option(
-        "--warm-start/--no-warm-start", help="Start each new study from the default config and the same key's "
-        "configs tuned on other GPUs of this architecture (their config files on the search path).")] = True,
+        "--warm-start/--no-warm-start", help="Start each new study from the default config, the same key's "
+        "configs tuned on other GPUs of this architecture (their config files on the search path), and for "
+        "fp16 and bf16 the same key's configs in the other of the two, on this GPU and those.")] = True,
     compile_workers: Annotated[Optional[int], typer.Option(
         "--compile-workers", help="Processes compiling upcoming configs while the GPU times the current one "
         "(default: the host's cores less two, at most 8; 0 on the CPU).", show_default=False)] = None,

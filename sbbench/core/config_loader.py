@@ -405,17 +405,31 @@ def same_architecture_configs(
     batch: int | None = None,
     search_path: Iterable[Path] | None = None,
     validate: Callable[[dict[str, Any]], str | None] | None = None,
+    include_own: bool = False,
 ) -> list[tuple[dict[str, Any], Path]]:
     """The nearest-bucket config of this key from every file of the same compute capability
     other than the device's own, nearest device first, each with its file; empty when none
-    (a tuner's warm start: configs that won on a sibling GPU are worth trying first)."""
+    (a tuner's warm start: configs that won on a sibling GPU are worth trying first). With
+    ``include_own``, the device's own file comes first (for another dtype's key: see
+    :data:`SIBLING_DTYPES`)."""
     key = _lookup_key(pass_, dtype, head_dim, gqa_group, attend_current, batch)
+    search = _search(search_path)
+    files = same_architecture_files(device_name, backend, compute_capability, search)
+    own = _own_file(device_name, backend, search) if include_own else None
+    if own is not None:
+        files.insert(0, own)
     found = []
-    for tuned in same_architecture_files(device_name, backend, compute_capability, search_path):
+    for tuned in files:
         config = _nearest_entry(tuned, key, seqlen, validate, batch)
         if config is not None:
             found.append((config, tuned.path))
     return found
+
+
+# The 16-bit float dtypes whose tuned configs are worth trying for each other: the same kernels
+# at the same tiles, their values in one format or the other (float32 inputs take other code
+# paths, whose best tiles differ).
+SIBLING_DTYPES = {"float16": "bfloat16", "bfloat16": "float16"}
 
 
 def write_config_file(path: Path, data: dict[str, Any]) -> None:
