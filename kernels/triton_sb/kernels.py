@@ -291,23 +291,37 @@ def _rows_descriptor(base, seqlen, stride_t, HEAD_DIM: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
+def _walked_head(X, row0, pid_b, head, stride_b, stride_h, stride_t, seqlen, HEAD_DIM: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, TMA: tl.constexpr):
+    """What a kernel reads one head's tiles of ROWS rows of X from: with HOST_DESCRIPTORS (X is
+    then a descriptor of the dense tensor) the descriptor, sequence and head, as
+    ``_described_tile`` takes them; with DEVICE_DESCRIPTORS a descriptor of the head's
+    [seqlen, HEAD_DIM] rows; else a pointer to the head's first row."""
+    if TMA == HOST_DESCRIPTORS:
+        return (X, pid_b, head)
+    else:
+        base = _head_base(X, row0, pid_b, head, stride_b, stride_h, stride_t, IS_VARLEN)
+        if TMA:
+            return _rows_descriptor(base, seqlen, stride_t, HEAD_DIM, ROWS, BLOCK_D)
+        else:
+            return base
+
+
+@triton.jit
 def _kv_sources(K, V, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, seqlen,
                 offs_n, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 IS_VARLEN: tl.constexpr, TMA: tl.constexpr):
-    """What ``_kv_block`` loads a query tile's key and value blocks from: with HOST_DESCRIPTORS
-    (K and V are then descriptors) the descriptor, sequence and kv head; with DEVICE_DESCRIPTORS a
-    descriptor of the head's [seqlen, HEAD_DIM] rows; else the pointer tile of its first block."""
-    if TMA == HOST_DESCRIPTORS:
-        return (K, pid_b, pid_hk), (V, pid_b, pid_hk)
+    """What ``_kv_block`` loads a query tile's key and value blocks from: ``_walked_head``'s
+    source for K and V, or with pointer loads the pointer tile of the first block."""
+    k_src = _walked_head(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, seqlen, HEAD_DIM, BLOCK_N, BLOCK_D,
+                         IS_VARLEN, TMA)
+    v_src = _walked_head(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, seqlen, HEAD_DIM, BLOCK_N, BLOCK_D,
+                         IS_VARLEN, TMA)
+    if TMA:
+        return k_src, v_src
     else:
-        k_base = _head_base(K, row0, pid_b, pid_hk, stride_kb, stride_kh, stride_kt, IS_VARLEN)
-        v_base = _head_base(V, row0, pid_b, pid_hk, stride_vb, stride_vh, stride_vt, IS_VARLEN)
-        if TMA:
-            return (_rows_descriptor(k_base, seqlen, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D),
-                    _rows_descriptor(v_base, seqlen, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D))
-        else:
-            return (k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
-                    v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        return (k_src + offs_n[:, None] * stride_kt + offs_d[None, :],
+                v_src + offs_n[:, None] * stride_vt + offs_d[None, :])
 
 
 @triton.jit
@@ -703,8 +717,7 @@ def _dkdv_tile(
 ):
     """dK and dV of the key block from query tile m of one head. MASKED: some row may start
     right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal.
-    With TMA, ``q_head`` and ``do_head`` are what ``_described_tile`` reads, else pointers to
-    the head's first row."""
+    ``q_head`` and ``do_head`` are ``_walked_head``'s sources."""
     offs_m = m * BLOCK_M + offs_mm
     row_ok = offs_m < seqlen
     if TMA:
@@ -806,15 +819,10 @@ def sb_bwd_dkdv_kernel(
         heads_visited = group
     for hg in range(0, heads_visited):
         pid_h = pid_hk * group + hg
-        if TMA == HOST_DESCRIPTORS:
-            q_head = (Q, pid_b, pid_h)
-            do_head = (DO, pid_b, pid_h)
-        else:
-            q_head = _head_base(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, IS_VARLEN)
-            do_head = _head_base(DO, row0, pid_b, pid_h, stride_dob, stride_doh, stride_dot, IS_VARLEN)
-            if TMA:
-                q_head = _rows_descriptor(q_head, seqlen, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D)
-                do_head = _rows_descriptor(do_head, seqlen, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D)
+        q_head = _walked_head(Q, row0, pid_b, pid_h, stride_qb, stride_qh, stride_qt, seqlen, HEAD_DIM, BLOCK_M,
+                              BLOCK_D, IS_VARLEN, TMA)
+        do_head = _walked_head(DO, row0, pid_b, pid_h, stride_dob, stride_doh, stride_dot, seqlen, HEAD_DIM, BLOCK_M,
+                               BLOCK_D, IS_VARLEN, TMA)
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
         for m in range(m_first, tl.minimum(m_below, m_last + 1)):
