@@ -214,8 +214,8 @@ def sb_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LOGREM, T, num_heads, group, 
             mbarrier.init(empty.index(i), count=1)
     else:
         # Never read without the producer warp. Not a buffer of its own: Gluon's allocator counts
-        # barriers that are only initialised as dead and lays later buffers over them, where the
-        # late-landing init then corrupted the scan matrix.
+        # barriers that are only initialised as dead and lays later buffers over them, which a
+        # late-landing init can then overwrite (the scan matrix, here).
         empty = ready
 
     tri_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_N], gl.float16)
