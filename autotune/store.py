@@ -111,9 +111,11 @@ def postgres_url(url: str) -> str:
                      "installed: pip install 'sbbench[postgres]'")
 
 
-# The PostgreSQL advisory lock (one bigint, any value no other program on the database uses)
-# under which a tuner opens the storage.
+# PostgreSQL advisory locks (one bigint each, values no other program on the database uses):
+# the one under which a tuner opens the storage, and the one under which it begins or reads a
+# study's settings (study_lock).
 SCHEMA_LOCK_KEY = 0x5BBE_0C4A_7A6E_0001
+STUDY_LOCK_KEY = 0x5BBE_0C4A_7A6E_0002
 
 
 @contextlib.contextmanager
@@ -138,19 +140,54 @@ def _setup_lock(url: str, engine_kwargs: Mapping[str, Any], is_postgres: bool,
             # Closes the locking session, which releases the lock, whether or not the storage opened.
             engine.dispose()
     elif sqlite_file is not None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX (Windows): SQLite's own locking alone
+        with _file_lock(sqlite_file):
             yield
-            return
-        with open(f"{sqlite_file}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def study_lock(storage: Any) -> Iterator[None]:
+    """Held while a tuner begins a study (creates it, then records its case, regime, space and
+    versions, one attribute per write) and while one reads those settings to check them, so
+    that no tuner reads a study another has created but not yet described: it would find the
+    settings missing and refuse the study as tuned on another case. The same kinds of lock as
+    :func:`_setup_lock`, taken through the storage's own engine; none for other databases."""
+    import sqlalchemy
+
+    engine = getattr(storage, "engine", None)  # an RDB storage's SQLAlchemy engine
+    if engine is None:
+        yield
+    elif engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": STUDY_LOCK_KEY})
             try:
                 yield
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": STUDY_LOCK_KEY})
+    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        with _file_lock(Path(engine.url.database)):
+            yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def _file_lock(sqlite_file: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<sqlite_file>.lock``: between processes, and between threads
+    of one process (each opens the file itself, and flock locks belong to the open file). Not
+    on Windows, which lacks ``fcntl``: there SQLite's own locking alone."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(f"{sqlite_file}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _hide_password(text: str) -> str:

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sbbench.autotune import sampler as sampling
 from sbbench.autotune.plan import Plan, TuneError, TuneSettings, space_tag
-from sbbench.autotune.store import STUDY_SCHEMA
+from sbbench.autotune.store import STUDY_SCHEMA, study_lock
 
 
 def _trial_storage(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> tuple[Any, int]:
@@ -94,6 +94,11 @@ def resolve_study(storage: Any, plan: Plan, settings: TuneSettings, env: Mapping
     """Before anything runs: give ``plan`` a study of its own if the backend's space changed
     since its study began (returns a note saying so), and refuse a study begun on another case,
     regime or versions."""
+    with study_lock(storage):
+        return _resolve_study(storage, plan, settings, env)
+
+
+def _resolve_study(storage: Any, plan: Plan, settings: TuneSettings, env: Mapping[str, Any]) -> str | None:
     if not study_exists(storage, plan.study_name):
         return None
     wanted = jsonable(study_attrs(plan, settings, env))
@@ -117,16 +122,19 @@ def resolve_study(storage: Any, plan: Plan, settings: TuneSettings, env: Mapping
 
 def open_study(storage: Any, plan: Plan, settings: TuneSettings, env: Mapping[str, Any],
                sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    study = optuna.create_study(
-        storage=storage, study_name=plan.study_name, direction="minimize", sampler=sampler, load_if_exists=True
-    )
-    wanted = jsonable(study_attrs(plan, settings, env))
-    have = study.user_attrs
-    if not have:
-        for name, value in wanted.items():
-            study.set_user_attr(name, value)
-        return study
-    problem = _conflict(plan, have, wanted)  # another tuner may have begun it a moment ago
+    """``plan``'s study, begun with this run's settings if new; refused (``TuneError``) if
+    another tuner began it a moment ago with other settings."""
+    with study_lock(storage):
+        study = optuna.create_study(
+            storage=storage, study_name=plan.study_name, direction="minimize", sampler=sampler, load_if_exists=True
+        )
+        wanted = jsonable(study_attrs(plan, settings, env))
+        have = study.user_attrs
+        if not have:
+            for name, value in wanted.items():
+                study.set_user_attr(name, value)
+            return study
+    problem = _conflict(plan, have, wanted)
     if problem:
         raise problem
     return study

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+# A fixture: imported here so that pytest finds it.
+from tune_helpers import test_backends  # noqa: F401
+
 SERVER_USER = "postgres"
 FALLBACK_USER = "sbbench-pg"
 # Tiny shapes on the CPU: each trial takes about a second. Two keys (T=64 and T=128), so the
@@ -193,19 +196,33 @@ def test_postgres_url_without_a_driver_names_storage_and_the_extra(monkeypatch):
     assert store.postgres_url("postgresql+psycopg2://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"
 
 
-def test_tuners_starting_together_on_a_new_database_all_open_it(postgres_url):
-    """Tuners started at once on a database Optuna has not set up yet: each one that finds no
-    tables creates them, and without a lock between them the slower ones fail ("duplicate key
-    value violates unique constraint"). All must open it."""
+def _new_database(postgres_url: str, prefix: str) -> str:
+    """The URL of a new, empty database on the test server."""
     import sqlalchemy
 
     from sbbench.autotune.store import postgres_url as with_driver
-    from tune_helpers import open_storage_together
 
-    name = f"race_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = sqlalchemy.create_engine(with_driver(postgres_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
     admin.dispose()
-    failed = open_storage_together(postgres_url.rsplit("/", 1)[0] + "/" + name, processes=6)
+    return postgres_url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_a_study_another_tuner_is_beginning_is_checked_whole(postgres_url, test_backends, monkeypatch):
+    """As in test_tune.py, on PostgreSQL: a tuner checking a study another tuner is still
+    describing (settings written one attribute at a time) sees all of them."""
+    from tune_helpers import check_while_another_begins
+
+    assert check_while_another_begins(_new_database(postgres_url, "begin"), monkeypatch) is None
+
+
+def test_tuners_starting_together_on_a_new_database_all_open_it(postgres_url):
+    """Tuners started at once on a database Optuna has not set up yet: each one that finds no
+    tables creates them, and without a lock between them the slower ones fail ("duplicate key
+    value violates unique constraint"). All must open it."""
+    from tune_helpers import open_storage_together
+
+    failed = open_storage_together(_new_database(postgres_url, "race"), processes=6)
     assert not failed, failed

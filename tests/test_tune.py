@@ -359,6 +359,16 @@ def test_changed_backend_space_gets_a_study_of_its_own(tmp_path, test_backends):
     assert plan.study_name.startswith(base + "-s") and "changed" in note
 
 
+def test_a_study_another_tuner_is_beginning_is_checked_whole(tmp_path, test_backends, monkeypatch):
+    """Two tuners started together on one key: one creates the study and writes its settings
+    one attribute at a time, the other checks it in between. The check must see all the
+    settings, not refuse the study as tuned on another case (a tuner of the two-tuner
+    PostgreSQL test failed so)."""
+    from tune_helpers import check_while_another_begins
+
+    assert check_while_another_begins(f"sqlite:///{tmp_path / 's.db'}", monkeypatch) is None
+
+
 def test_tuners_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path):
     """Processes of one sweep script started at once on a new SQLite file: each that finds no
     tables creates them, and without a lock between them the slower ones fail ("UNIQUE

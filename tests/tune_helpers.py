@@ -157,3 +157,42 @@ def open_storage_together(url: str, processes: int, lead_s: float = 8.0) -> list
                               stderr=subprocess.STDOUT, text=True) for _ in range(processes)]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     return [out for proc, out in zip(procs, outputs) if proc.returncode != 0]
+
+
+def check_while_another_begins(url: str, monkeypatch, write_s: float = 0.05) -> str | None:
+    """Check a study (``resolve_study``) while another tuner, in a thread, is beginning it: the
+    study is created and has its first settings attribute, and each further one takes
+    ``write_s`` to write. Returns what the check returned; raises what it raised."""
+    import threading
+
+    import torch
+
+    from sbbench.autotune import sampler as sampling
+    from sbbench.autotune.plan import TuneSettings, plan_studies
+    from sbbench.autotune.store import open_storage
+    from sbbench.autotune.studies import open_study, resolve_study, study_exists
+    from sbbench.harness.cases import Case
+
+    storage = open_storage(url)
+    settings = TuneSettings(backend=FLAKY, cases=[Case(1, 1, 1, 32, 8, "float32")], passes=("fwd",))
+    (plan,), _ = plan_studies(registry.get_backend(FLAKY), settings, "Dev X", "cpu")
+    env = {"torch_version": torch.__version__}
+    set_user_attr = optuna.Study.set_user_attr
+
+    def slow_set_user_attr(study, key, value):
+        time.sleep(write_s)
+        set_user_attr(study, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", slow_set_user_attr)
+    other = threading.Thread(target=open_study, args=(storage, plan, settings, env,
+                                                      sampling.make_sampler("tpe", plan.space, 0)))
+    other.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (study_exists(storage, plan.study_name)
+                   and storage.get_study_user_attrs(storage.get_study_id_from_name(plan.study_name))):
+            assert time.monotonic() < deadline, "the other tuner never began its study"
+            time.sleep(0.005)
+        return resolve_study(storage, plan, settings, env)
+    finally:
+        other.join()
