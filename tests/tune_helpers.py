@@ -184,15 +184,23 @@ def check_while_another_begins(url: str, monkeypatch, write_s: float = 0.05) -> 
         set_user_attr(study, key, value)
 
     monkeypatch.setattr(optuna.Study, "set_user_attr", slow_set_user_attr)
-    other = threading.Thread(target=open_study, args=(storage, plan, settings, env,
-                                                      sampling.make_sampler("tpe", plan.space, 0)))
+    failures: list[BaseException] = []
+
+    def begin() -> None:
+        try:
+            open_study(storage, plan, settings, env, sampling.make_sampler("tpe", plan.space, 0))
+        except BaseException as exc:  # handed to the test below
+            failures.append(exc)
+
+    other = threading.Thread(target=begin)
     other.start()
     try:
         deadline = time.monotonic() + 60
         while not (study_exists(storage, plan.study_name)
                    and storage.get_study_user_attrs(storage.get_study_id_from_name(plan.study_name))):
-            assert time.monotonic() < deadline, "the other tuner never began its study"
+            assert not failures and time.monotonic() < deadline, f"the other tuner never began its study: {failures}"
             time.sleep(0.005)
         return resolve_study(storage, plan, settings, env)
     finally:
         other.join()
+        assert not failures, f"the tuner beginning the study failed: {failures}"
