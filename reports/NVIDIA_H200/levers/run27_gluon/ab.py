@@ -7,7 +7,7 @@ OVERLAP (next tile's Q K^T during this tile's exponentials), WS (producer warp),
 Each variant's o and log-stick against the Triton kernel without skipping, as the largest
 difference relative to the largest magnitude. do_bench median, L2 flushed.
 
-    python ab.py OUT_DIR [occupancy]
+    python ab.py OUT_DIR [occupancy|pairs]
 """
 import json
 import sys
@@ -41,8 +41,9 @@ VARIANTS = {
 
 
 def name_of(v):
-    return f"gluon bn{v['block_n']}{' ov' if v['overlap'] else ''}{' ws' if v['ws'] else ''}" + \
-        (f" r{v['maxnreg']}" if v.get("maxnreg") else "")
+    overlap = {0: "", 1: " ov", 2: " pairs"}[int(v["overlap"])]
+    return f"gluon bn{v['block_n']}{overlap}{' ws' if v['ws'] else ''}" + \
+        (f" s{v['stages']}" if v.get("stages", 3) != 3 else "") + (f" r{v['maxnreg']}" if v.get("maxnreg") else "")
 
 
 def rel(a, b):
@@ -58,8 +59,19 @@ OCCUPANCY_VARIANTS = {
     128: [dict(block_n=32, overlap=False, ws=False), dict(block_n=32, overlap=False, ws=True, maxnreg=80),
           dict(block_n=32, overlap=False, ws=True, maxnreg=128)],
 }
+# Run 31: two tiles per loop iteration, each one's matrix products running while the warps
+# transform the other (overlap=2), against the plain Gluon step; run 30 found the warps waiting
+# on the Q K^T result in a fifth of the forward's samples.
+PAIR_VARIANTS = {
+    64: [dict(block_n=64, overlap=False, ws=False), dict(block_n=32, overlap=2, ws=False, stages=4),
+         dict(block_n=32, overlap=2, ws=False, stages=4, maxnreg=128), dict(block_n=64, overlap=2, ws=False, stages=4)],
+    128: [dict(block_n=32, overlap=False, ws=False), dict(block_n=32, overlap=2, ws=False, stages=4),
+          dict(block_n=32, overlap=2, ws=False, stages=3, maxnreg=168)],
+}
 if len(sys.argv) > 2 and sys.argv[2] == "occupancy":
     VARIANTS = OCCUPANCY_VARIANTS
+if len(sys.argv) > 2 and sys.argv[2] == "pairs":
+    VARIANTS = PAIR_VARIANTS
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
 dev = torch.device("cuda")
@@ -67,6 +79,9 @@ backend = get_backend("triton")
 rows = []
 cases = [(12, 128, t, "bfloat16") for t in (4096, 8192, 16384)] + [(24, 64, t, "bfloat16") for t in (4096, 8192, 16384)]
 cases += [(12, 128, 4096, "float16"), (24, 64, 4096, "float16")]
+if VARIANTS is PAIR_VARIANTS:
+    cases = [(12, 128, t, "bfloat16") for t in (4096, 8192, 16384)] + [(24, 64, t, "bfloat16") for t in (4096, 8192, 16384)]
+    cases += [(12, 128, 4096, "float16"), (24, 64, 4096, "float16")]
 if VARIANTS is OCCUPANCY_VARIANTS:
     cases = [(12, 128, t, "bfloat16") for t in (4096, 16384)] + [(24, 64, t, "bfloat16") for t in (4096, 16384)]
 for heads, head_dim, seqlen, dtype in cases:

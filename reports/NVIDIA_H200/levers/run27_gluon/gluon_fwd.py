@@ -69,15 +69,18 @@ def _issue_scan(sp2, tri_smem, zero_s, sp_layout: gl.constexpr, SCAN: gl.constex
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, k_smem, v_smem, ready, t, n_top, kv_row0, n_tiles,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Issue the TMA loads of walk step t (key block n_top - t) into its ring slot."""
-    if t < n_tiles:
-        slot = t % STAGES
-        bar = ready.index(slot)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        row = kv_row0 + (n_top - t) * BLOCK_N
-        tma.async_copy_global_to_shared(k_desc, [row, 0], bar, k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [row, 0], bar, v_smem.index(slot))
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, pred=True):
+    """Issue the TMA loads of walk step t (key block n_top - t) into its ring slot, if t is a
+    step of the walk and ``pred``."""
+    # Predicated rather than branched: a branch while a wgmma is in flight makes ptxas
+    # serialise every wgmma of the kernel.
+    live = (t < n_tiles) & pred
+    slot = t % STAGES
+    bar = ready.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=live)
+    row = kv_row0 + (n_top - t) * BLOCK_N
+    tma.async_copy_global_to_shared(k_desc, [row, 0], bar, k_smem.index(slot), pred=live)
+    tma.async_copy_global_to_shared(v_desc, [row, 0], bar, v_smem.index(slot), pred=live)
 
 
 @gluon.jit
@@ -136,6 +139,76 @@ def _step(t, acc, carry, z_pending, q_smem, k_smem, v_smem, ready, empty, tri_sm
 
 
 @gluon.jit
+def _transform_first(z, scale2, tri_smem, zero_s, sp_layout: gl.constexpr, SCAN: gl.constexpr):
+    """The first half of a tile's transform, up to its scan (issued, not waited for)."""
+    z2 = z * scale2
+    sp2 = _softplus2(z2, SCAN)
+    return z2, sp2, _issue_scan(sp2, tri_smem, zero_s, sp_layout, SCAN)
+
+
+@gluon.jit
+def _pair(t, acc, carry, q_smem, k_smem, v_smem, ready, tri_smem, k_desc, v_desc, n_top, kv_row0, n_tiles,
+          scale2, s_layout: gl.constexpr, sp_layout: gl.constexpr, p_layout: gl.constexpr,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr):
+    """Unmasked tiles t and t + 1, each one's matrix products running while the warps transform
+    the other (FlashAttention-3's overlap within a warpgroup, over two tiles). wgmma groups
+    retire oldest first, so each wait names how many newer groups stay in flight: a scan is
+    SCAN groups (fp16 inputs: a high and a low part). Nothing is in flight on entry or exit: a
+    wgmma in flight across the loop's back edge makes ptxas serialise every wgmma."""
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    a_slot = t % STAGES
+    b_slot = (t + 1) % STAGES
+    mbarrier.wait(ready.index(a_slot), (t // STAGES) & 1)
+    za = warpgroup_mma(q_smem, k_smem.index(a_slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(ready.index(b_slot), ((t + 1) // STAGES) & 1)
+    zb = warpgroup_mma(q_smem, k_smem.index(b_slot).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    za = warpgroup_mma_wait(1, deps=(za,))                       # [Q K_b]
+    z2a, sp2a, sa = _transform_first(za, scale2, tri_smem, zero_s, sp_layout, SCAN)
+    zb = warpgroup_mma_wait(SCAN, deps=(zb,))                    # [scan_a]
+    z2b, sp2b, sb = _transform_first(zb, scale2, tri_smem, zero_s, sp_layout, SCAN)
+    row_a = gl.sum(sp2a, axis=1)
+    row_b = gl.sum(sp2b, axis=1)
+    sa = warpgroup_mma_wait(SCAN, deps=(sa,))                    # [scan_b]
+    wa = gl.exp2(z2a - sp2a - sa - carry[:, None])
+    carry = carry + row_a
+    acc = warpgroup_mma(gl.convert_layout(wa.to(v_smem.dtype), p_layout), v_smem.index(a_slot), acc,
+                        is_async=True)
+    sb = warpgroup_mma_wait(1, deps=(sb,))                       # [P_a V_a]
+    wb = gl.exp2(z2b - sp2b - sb - carry[:, None])
+    carry = carry + row_b
+    acc = warpgroup_mma(gl.convert_layout(wb.to(v_smem.dtype), p_layout), v_smem.index(b_slot), acc,
+                        is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    _load_kv(k_desc, v_desc, k_smem, v_smem, ready, t + STAGES, n_top, kv_row0, n_tiles, BLOCK_N, STAGES)
+    _load_kv(k_desc, v_desc, k_smem, v_smem, ready, t + 1 + STAGES, n_top, kv_row0, n_tiles, BLOCK_N, STAGES)
+    return acc, carry
+
+
+@gluon.jit
+def _walk_pairs(acc, carry, q_smem, k_smem, v_smem, ready, tri_smem, k_desc, v_desc, n_top, kv_row0,
+                n_masked, n_tiles, start_m, scale2,
+                s_layout: gl.constexpr, sp_layout: gl.constexpr, p_layout: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SCAN: gl.constexpr):
+    """The masked tiles, and one more if the rest is odd, one step at a time; the rest two at a
+    time (``_pair``)."""
+    empty = ready  # unused without the producer warp
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    t0 = n_masked + (n_tiles - n_masked) % 2
+    for t in range(0, n_masked):
+        acc, carry, _ = _step(t, acc, carry, zero_s, q_smem, k_smem, v_smem, ready, empty, tri_smem, k_desc,
+                              v_desc, n_top, kv_row0, n_tiles, start_m, scale2, s_layout, sp_layout, p_layout,
+                              BLOCK_M, BLOCK_N, STAGES, SCAN, True, 0, False)
+    for t in range(n_masked, t0):
+        acc, carry, _ = _step(t, acc, carry, zero_s, q_smem, k_smem, v_smem, ready, empty, tri_smem, k_desc,
+                              v_desc, n_top, kv_row0, n_tiles, start_m, scale2, s_layout, sp_layout, p_layout,
+                              BLOCK_M, BLOCK_N, STAGES, SCAN, False, 0, False)
+    for t in range(t0, n_tiles, 2):
+        acc, carry = _pair(t, acc, carry, q_smem, k_smem, v_smem, ready, tri_smem, k_desc, v_desc, n_top, kv_row0,
+                           n_tiles, scale2, s_layout, sp_layout, p_layout, BLOCK_M, BLOCK_N, STAGES, SCAN)
+    return acc, carry
+
+
+@gluon.jit
 def _consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, ready, empty, q_bar, tri_smem, O, LOGREM,
               q_row0, kv_row0, start_m, n_top, n_masked, n_tiles, scale2, stat_row0,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -152,7 +225,13 @@ def _consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, ready, empty, q_ba
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     mbarrier.wait(q_bar, 0)
     z_pending = zero_s
-    if OVERLAP:
+    if OVERLAP == 2:
+        acc, carry = _walk_pairs(acc, carry, q_smem, k_smem, v_smem, ready, tri_smem, k_desc, v_desc, n_top,
+                                 kv_row0, n_masked, n_tiles, start_m, scale2, s_layout, sp_layout, p_layout,
+                                 BLOCK_M, BLOCK_N, STAGES, SCAN)
+        n_masked = 0
+        n_tiles = 0
+    elif OVERLAP:
         mbarrier.wait(ready.index(0), 0)
         z_pending = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         z_pending = warpgroup_mma_wait(0, deps=(z_pending,))
