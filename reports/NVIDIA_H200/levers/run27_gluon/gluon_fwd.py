@@ -11,6 +11,8 @@ pipeliner decides for us:
 * OVERLAP: the next tile's Q K^T is issued before this tile's second half of the transform, so
   the tensor cores work while the warps compute exponentials (FlashAttention-3's intra-warpgroup
   overlap), at the price of a second logits tile in registers.
+* OVERLAP=2 (run 31): two tiles per loop iteration, each one's Q K^T, scan and P V running while
+  the warps transform the other; nothing in flight across the loop's back edge.
 * WS: one producer warp issues the loads and consumers release buffers through mbarriers
   (warp specialisation).
 """

@@ -1,75 +1,87 @@
-"""Run 30's digest: from each kernel's source-page CSV (ncu --page source --print-source sass),
-the stall samples per SASS instruction, summed by opcode and by stall reason, and the top
-instructions. Writes DIR/digest.json; prints a table per kernel.
+"""Run 30's digest: from each kernel's source page (ncu --page source --csv --print-source sass,
+here gzipped), where the warp-state samples fall: per stall reason, per instruction kind, the
+"barrier" reason split by the instruction it is charged to (WARPGROUP.DEPBAR: a warpgroup
+waiting for its wgmma results; BAR.SYNC; other instructions: the one after a CTA barrier), and
+the top instructions. Writes DIR/digest.json; prints the same.
 
     python digest.py DIR
 """
 import csv
+import gzip
 import io
 import json
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+ALL = "Warp Stall Sampling (All Samples)"
+
+
+def kernels(path):
+    """(kernel name, CSV lines) per kernel of a source-page export."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", errors="replace") as f:
+        name, chunk = None, None
+        for line in f.read().splitlines():
+            if line.startswith('"Kernel Name"'):
+                if chunk:
+                    yield name, chunk
+                name, chunk = line.split(",")[1].strip('"'), []
+            elif chunk is not None:
+                chunk.append(line)
+        if chunk:
+            yield name, chunk
+
+
+def opcode(sass):
+    words = sass.split()
+    word = words[1] if words and words[0].startswith("@") and len(words) > 1 else (words[0] if words else "?")
+    return word
+
+
 out = Path(sys.argv[1])
 result = {}
-for path in sorted(out.glob("src_d*.csv")):
-    text = path.read_text(errors="replace")
-    # One block per kernel: each starts with a header line naming the columns.
-    blocks = re.split(r'\n(?=("Kernel Name"|"#"|"Address"))', text)
-    chunks, current = [], []
-    for line in text.splitlines():
-        if line.startswith('"Address"') or line.startswith('"#",') or line.startswith('"Source"'):
-            if current:
-                chunks.append(current)
-            current = [line]
-        elif current:
-            current.append(line)
-        elif line.startswith("Kernel") or not line.strip():
-            continue
-    if current:
-        chunks.append(current)
-    for i, chunk in enumerate(chunks):
+for path in sorted(out.glob("src_d*.csv*")):
+    head_dim = path.name.split("_d")[1].split(".")[0]
+    for name, chunk in kernels(path):
         rows = list(csv.reader(io.StringIO("\n".join(chunk))))
         header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
-        col = {name: j for j, name in enumerate(header)}
-        source_col = next((c for c in ("Source", "SASS") if c in col), None)
-        sample_cols = [c for c in header if c.startswith("Warp Stall Sampling") or c.startswith("stall_")]
-        reason_cols = [c for c in header if "stall" in c.lower() and c not in sample_cols]
-        if source_col is None or not sample_cols:
-            result[f"{path.stem}#{i}"] = {"header": header[:40]}
-            continue
-        total_col = sample_cols[0]
+        col = {n: i for i, n in enumerate(header)}
+        reasons = [n for n in header if n.startswith("stall_") and "(Not Issued)" not in n]
 
-        def num(r, c):
+        def num(r, n):
             try:
-                return float(r[col[c]].replace(",", ""))
-            except (ValueError, KeyError):
+                return float(r[col[n]].replace(",", "") or 0)
+            except ValueError:
                 return 0.0
-        by_op, top = Counter(), []
+        total = sum(num(r, ALL) for r in body) or 1.0
+        by_reason, by_kind, barrier_at = Counter(), defaultdict(Counter), Counter()
+        top = []
         for r in body:
-            s = num(r, total_col)
-            op = (r[col[source_col]].strip().split() or ["?"])
-            op = op[1] if op[0].startswith("@") and len(op) > 1 else op[0]
-            by_op[op.split(".")[0]] += s
-            top.append((s, r[col.get("Address", 0)], r[col[source_col]].strip()[:90],
-                        {c: num(r, c) for c in reason_cols if num(r, c) > 0}))
-        total = sum(by_op.values()) or 1.0
+            sass = r[col["Source"]].strip()
+            op = opcode(sass)
+            kind = op.split(".")[0]
+            for n in reasons:
+                by_reason[n[6:]] += num(r, n)
+                by_kind[kind][n[6:]] += num(r, n)
+            at = ("WARPGROUP.DEPBAR" if op.startswith("WARPGROUP.DEPBAR") else "WARPGROUP.ARRIVE"
+                  if op.startswith("WARPGROUP.ARRIVE") else "BAR.SYNC" if op.startswith("BAR.SYNC") else "other")
+            barrier_at[at] += num(r, "stall_barrier")
+            top.append((num(r, ALL), sass[:90]))
         top.sort(key=lambda x: -x[0])
-        result[f"{path.stem}#{i}"] = {
-            "samples": total, "sample_column": total_col,
-            "by_opcode_pct": {k: round(100 * v / total, 1) for k, v in by_op.most_common(15)},
-            "top": [{"pct": round(100 * s / total, 2), "address": a, "sass": t, "reasons": rs}
-                    for s, a, t, rs in top[:25]],
+        pct = lambda v: round(100 * v / total, 1)  # noqa: E731
+        result[f"D={head_dim} {name}"] = {
+            "samples": total,
+            "reasons_pct": {k: pct(v) for k, v in by_reason.most_common()},
+            "barrier_pct_by_instruction": {k: pct(v) for k, v in barrier_at.items()},
+            "kinds_pct": {k: pct(sum(c.values())) for k, c in sorted(by_kind.items(), key=lambda kv: -sum(kv[1].values()))[:12]},
+            "top": [{"pct": round(100 * s / total, 2), "sass": t} for s, t in top[:12]],
         }
 (out / "digest.json").write_text(json.dumps(result, indent=1))
 for name, r in result.items():
-    print(f"== {name}: {r.get('samples')} samples ({r.get('sample_column')})")
-    if "by_opcode_pct" not in r:
-        print("   header:", r.get("header"))
-        continue
-    print("   by opcode %:", r["by_opcode_pct"])
-    for t in r["top"][:15]:
-        reasons = sorted(t["reasons"].items(), key=lambda x: -x[1])[:3]
-        print(f"   {t['pct']:5.2f}%  {t['sass']:<70} {reasons}")
+    print(f"== {name}: {r['samples']:.0f} samples")
+    print("   reasons %:", dict(list(r["reasons_pct"].items())[:8]))
+    print("   'barrier' charged to %:", r["barrier_pct_by_instruction"])
+    print("   instruction kinds %:", r["kinds_pct"])
+    for t in r["top"][:6]:
+        print(f"   {t['pct']:5.2f}%  {t['sass']}")

@@ -23,6 +23,7 @@ for shape in "24 64" "12 128"; do
   echo "profile d$2 rc=$?"; tail -2 "$D/profile_d$2.log"
   "$NCU" --import "$D/src_d$2.ncu-rep" --page source --csv --print-source sass > "$D/src_d$2.csv" 2> "$D/src_d$2.err"
   echo "export d$2 rc=$? $(wc -l < "$D/src_d$2.csv") lines"; head -c 300 "$D/src_d$2.err"
+  gzip -f "$D/src_d$2.csv"
   "$NCU" --import "$D/src_d$2.ncu-rep" --page raw --csv > "$D/raw_d$2.csv" 2>/dev/null
   pack
 done
