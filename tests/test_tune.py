@@ -362,8 +362,7 @@ def test_changed_backend_space_gets_a_study_of_its_own(tmp_path, test_backends):
 def test_a_study_another_tuner_is_beginning_is_checked_whole(tmp_path, test_backends, monkeypatch):
     """Two tuners started together on one key: one creates the study and writes its settings
     one attribute at a time, the other checks it in between. The check must see all the
-    settings, not refuse the study as tuned on another case (a tuner of the two-tuner
-    PostgreSQL test failed so)."""
+    settings, not refuse the study as tuned on another case."""
     from tune_helpers import check_while_another_begins
 
     assert check_while_another_begins(f"sqlite:///{tmp_path / 's.db'}", monkeypatch) is None
