@@ -126,24 +126,20 @@ def _setup_lock(url: str, engine_kwargs: Mapping[str, Any], is_postgres: bool,
     or several processes of one sweep script on one file) would all find none, and all but the
     first would fail on what it created ("duplicate key value violates unique constraint",
     "UNIQUE constraint failed: alembic_version"). Under the lock they take turns, and the later
-    ones find the tables. PostgreSQL: an advisory lock on the database; a SQLite file: an
-    exclusive ``flock`` on ``<file>.lock`` beside it (on POSIX systems); anything else: none."""
-    if is_postgres:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(url, **engine_kwargs)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-                yield
-        finally:
-            # Closes the locking session, which releases the lock, whether or not the storage opened.
-            engine.dispose()
-    elif sqlite_file is not None:
-        with _file_lock(sqlite_file):
+    ones find the tables. The storage does not exist yet, so PostgreSQL's lock is taken through
+    an engine of its own."""
+    if not is_postgres:
+        with _database_lock(None, sqlite_file, SCHEMA_LOCK_KEY):
             yield
-    else:
-        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        with _database_lock(engine, None, SCHEMA_LOCK_KEY):
+            yield
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
@@ -151,35 +147,38 @@ def study_lock(storage: Any) -> Iterator[None]:
     """Held while a tuner begins a study (creates it, then records its case, regime, space and
     versions, one attribute per write) and while one reads those settings to check them, so
     that no tuner reads a study another has created but not yet described: it would find the
-    settings missing and refuse the study as tuned on another case. The same kinds of lock as
-    :func:`_setup_lock`, taken through the storage's own engine; none for other databases."""
-    import sqlalchemy
-
+    settings missing and refuse the study as tuned on another case. Taken through the
+    storage's own engine."""
     engine = getattr(storage, "engine", None)  # an RDB storage's SQLAlchemy engine
-    if engine is None:
-        yield
-    elif engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": STUDY_LOCK_KEY})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": STUDY_LOCK_KEY})
-    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        with _file_lock(Path(engine.url.database)):
-            yield
-    else:
+    sqlite_file = None
+    if engine is not None and engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        sqlite_file = Path(engine.url.database)
+    with _database_lock(engine, sqlite_file, STUDY_LOCK_KEY):
         yield
 
 
 @contextlib.contextmanager
-def _file_lock(sqlite_file: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<sqlite_file>.lock``: between processes, and between threads
-    of one process (each opens the file itself, and flock locks belong to the open file). Not
-    on Windows, which lacks ``fcntl``: there SQLite's own locking alone."""
+def _database_lock(engine: Any, sqlite_file: Path | None, key: int) -> Iterator[None]:
+    """An exclusive lock among the tuners of one database: PostgreSQL's advisory lock ``key``
+    when ``engine`` is PostgreSQL's; an exclusive ``flock`` on ``<sqlite_file>.lock`` for a
+    SQLite file, between processes and between threads of one process (each opens the file
+    itself, and flock locks belong to the open file); none otherwise, nor on Windows, which
+    lacks ``fcntl`` (SQLite's own locking alone)."""
+    if engine is not None and engine.dialect.name == "postgresql":
+        import sqlalchemy
+
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        return
     try:
         import fcntl
     except ImportError:
+        fcntl = None
+    if sqlite_file is None or fcntl is None:
         yield
         return
     with open(f"{sqlite_file}.lock", "a") as handle:
