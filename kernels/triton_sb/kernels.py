@@ -708,46 +708,16 @@ def sb_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_rows(
-    m, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, STOP, DREM_REM, STATE_R, STATE_P,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """What query tile m brings to the key block besides its q and do: per row, the first key
-    (``stop``; the row itself when not MASKED, unread), the boundary sums (the stick right of the
-    block, P left of it) and drem rem. None of it depends on the other loads, so all of it is in
-    flight at once, and ``_dkdv_walk`` asks for it a tile ahead of its use."""
-    offs_m = m * BLOCK_M + offs_mm
-    row_ok = offs_m < seqlen
-    drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
-    slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
-    if MASKED:
-        # Only rows at or below the block's first row own a slot for it; of those, a row whose
-        # walk stopped right of the block has an unwritten one, zeroed below once ``stop`` is in.
-        has_slot = row_ok & (offs_m // BLOCK_N >= pid_n)
-        stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
-        r_right = tl.load(STATE_R + slot, mask=has_slot, other=0.0)
-        carry_p = tl.load(STATE_P + slot, mask=has_slot, other=0.0)
-    else:
-        # Every row of the tile walked the whole block. (Rows past the sequence end load zeros
-        # and contribute nothing: their do and drem are zero.)
-        stop = offs_m
-        r_right = tl.load(STATE_R + slot, mask=row_ok, other=0.0)
-        carry_p = tl.load(STATE_P + slot, mask=row_ok, other=0.0)
-    return stop, r_right, carry_p, drem_rem
-
-
-@triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, m, q_head, do_head, stop, r_right, carry_p, drem_rem, pid_n, start_n, seqlen, offs_mm, offs_n,
-    offs_d, stride_qt, stride_dot, scale2, tri_suffix, tri_prefix,
+    dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n, offs_d,
+    stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """dK and dV of the key block from query tile m of one head, its rows' values from
-    ``_dkdv_rows``. MASKED: some row may start right of the block's first key (its ``stop``), or
-    CAUSAL: the tile reaches the diagonal. ``q_head`` and ``do_head`` are ``_walked_head``'s
-    sources."""
+    """dK and dV of the key block from query tile m of one head. MASKED: some row may start
+    right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal.
+    ``q_head`` and ``do_head`` are ``_walked_head``'s sources."""
     offs_m = m * BLOCK_M + offs_mm
     row_ok = offs_m < seqlen
     if TMA:
@@ -757,14 +727,23 @@ def _dkdv_tile(
         md_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md_mask, other=0.0)
         do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md_mask, other=0.0)
+    drem_rem = tl.load(DREM_REM + aux_head + offs_m, mask=row_ok, other=0.0)
     if MASKED:
-        # Rows before this key block, or whose walk stopped right of it, take no part: the dQ
-        # kernel wrote no boundary sums for them, and masked entries are zeroed by the
-        # arithmetic, not selected away, so their sums must be finite.
+        stop = tl.load(STOP + aux_head + offs_m, mask=row_ok, other=2147483647)
+        # Rows before this key block, or whose walk stopped right of it, read nothing: the dQ
+        # kernel wrote no boundary sums for them, and uninitialised sums would reach the
+        # arithmetic (masked entries are zeroed by it, not selected away).
         seen = row_ok & (offs_m // BLOCK_N >= pid_n) & (stop < start_n + BLOCK_N)
         stop = tl.where(seen, stop, 2147483647)
-        r_right = tl.where(seen, r_right, 0.0)
-        carry_p = tl.where(seen, carry_p, 0.0)
+    else:
+        # Every row of the tile walked the whole block: the boundary sums load with the tiles,
+        # not one load latency after ``stop``. (Rows past the sequence end load zeros and
+        # contribute nothing: their do and drem are zero.)
+        seen = row_ok
+        stop = offs_m  # unread: no first-key compare without MASKED
+    slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
+    r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
+    carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
     z2, sp2, e, _ = _bwd_block_logits(
         q, k, offs_n, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
@@ -773,37 +752,6 @@ def _dkdv_tile(
     dv = tl.dot(tl.trans(weights.to(do.dtype)), do, dv, input_precision=PRECISION)
     dz = _bwd_block_dz(z2, e, log2_beta, g, carry_p, drem_rem, tri_prefix, SCAN, ACCURATE)
     dk = tl.dot(tl.trans(dz.to(q.dtype)), q, dk, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_walk(
-    dk, dv, k, v, m_lo, m_hi, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
-    offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, TMA: tl.constexpr,
-):
-    """dK and dV over query tiles m_lo .. m_hi - 1 of one head. Each tile's row values are loaded
-    while the tile before it computes: the software pipeliner stages only the tiles the matrix
-    products read, so loaded in the tile that uses them, these per-row loads (scattered over
-    the boundary-sum layout, an L2 round trip) would stall the warps at the tile's first use of
-    them. The load for the tile after the last is harmless: its rows exist or are masked."""
-    stop, r_right, carry_p, drem_rem = _dkdv_rows(
-        m_lo, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, STOP, DREM_REM, STATE_R, STATE_P,
-        MASKED, BLOCK_M, BLOCK_N,
-    )
-    for m in range(m_lo, m_hi):
-        next_stop, next_r_right, next_carry_p, next_drem_rem = _dkdv_rows(
-            m + 1, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, STOP, DREM_REM, STATE_R, STATE_P,
-            MASKED, BLOCK_M, BLOCK_N,
-        )
-        dk, dv = _dkdv_tile(
-            dk, dv, k, v, m, q_head, do_head, stop, r_right, carry_p, drem_rem, pid_n, start_n, seqlen, offs_mm,
-            offs_n, offs_d, stride_qt, stride_dot, scale2, tri_suffix, tri_prefix, MASKED, CAUSAL, HEAD_DIM,
-            ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
-        )
-        stop, r_right, carry_p, drem_rem = next_stop, next_r_right, next_carry_p, next_drem_rem
     return dk, dv
 
 
@@ -877,21 +825,24 @@ def sb_bwd_dkdv_kernel(
                                BLOCK_D, IS_VARLEN, TMA)
         aux_head = pid_h.to(tl.int64) * total_rows + row0
         slot_head = pid_h.to(tl.int64) * state_total + state_base
-        dk, dv = _dkdv_walk(
-            dk, dv, k, v, m_first, tl.minimum(m_below, m_last + 1), q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen,
-            offs_mm, offs_n, offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix,
-            tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
-        )
-        dk, dv = _dkdv_walk(
-            dk, dv, k, v, m_from, m_masked_end, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen,
-            offs_mm, offs_n, offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix,
-            tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
-        )
-        dk, dv = _dkdv_walk(
-            dk, dv, k, v, m_masked_end, m_last + 1, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen,
-            offs_mm, offs_n, offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix,
-            tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
-        )
+        for m in range(m_first, tl.minimum(m_below, m_last + 1)):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
+            )
+        for m in range(m_from, m_masked_end):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
+            )
+        for m in range(m_masked_end, m_last + 1):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
+                offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
+                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
+            )
     dk = dk * inv_temp
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd_mask)
