@@ -275,13 +275,11 @@ def _state_base(CU_STATES, pid_b, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _state_block_start(block, seqlen, BLOCK_N: tl.constexpr):
-    """Where key block ``block``'s boundary states start in its sequence's compact causal layout;
-    row r's state for the block is at that start + r. Block-major: block b holds the rows that
-    can see it, b BLOCK_N .. seqlen - 1, in order, so the rows of a query tile are contiguous and
-    a tile's stores (dQ kernel) and loads (dK/dV kernel) are whole cache lines. Block b starts
-    after sum_{c < b} (seqlen - c BLOCK_N) slots, minus the b BLOCK_N rows it does not hold."""
-    return block * seqlen - BLOCK_N * (block * (block + 1) // 2)
+def _state_offset(row, BLOCK_N: tl.constexpr):
+    """Offset of row's first boundary state in its sequence's compact causal layout: row i owns
+    i // BLOCK_N + 1 slots (the key blocks it can see)."""
+    qb = row // BLOCK_N
+    return BLOCK_N * (qb * (qb + 1) // 2) + (row % BLOCK_N) * (qb + 1)
 
 
 @triton.jit
@@ -576,7 +574,7 @@ def _bwd_block_dz(
 @triton.jit
 def _dq_block(
     dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen, stop,
-    total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
+    total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
     BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
     ACCURATE: tl.constexpr, TMA: tl.constexpr,
@@ -588,9 +586,8 @@ def _dq_block(
     k, v = _kv_block(k_ptrs, v_ptrs, n * BLOCK_N, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM, CAUSAL, TMA)
     ns = (n * BLOCK_N) // STATE_N
     has_slot = row_ok & (ns <= offs_m // STATE_N)
-    block_start = _state_block_start(ns, seqlen, STATE_N)
     # P left of a state block is stored at the block's left edge ...
-    tl.store(STATE_P + block_start + row_slots, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
+    tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
     z2, sp2, e, sp_sum = _bwd_block_logits(
         q, k, keys, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
@@ -603,7 +600,7 @@ def _dq_block(
     carry_p += tl.sum(g, 1)
     # ... and the stick right of it at its right edge (or where the walk ends).
     at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
-    tl.store(STATE_R + block_start + row_slots, r_right, mask=has_slot & at_right_edge)
+    tl.store(STATE_R + row_slot + ns, r_right, mask=has_slot & at_right_edge)
     # max is order-independent: the result is deterministic whatever the arrival order. Relaxed:
     # only the dK/dV kernel, a launch later, reads it; the default (acq_rel) puts a GPU-wide
     # memory fence before the atomic, in every iteration.
@@ -654,8 +651,8 @@ def sb_bwd_dq_kernel(
     drem_rem = drem * tl.exp2(-total.to(tl.float32))
     tl.store(DREM_REM + aux, drem_rem, mask=row_ok)
 
-    # Each row's boundary state for key block n is at row_slots + _state_block_start(n, ...).
-    row_slots = pid_h.to(tl.int64) * state_total + state_base + offs_m
+    # Slot of (row, key block n) in the compact causal state layout: row_slot + n.
+    row_slot = pid_h.to(tl.int64) * state_total + state_base + _state_offset(offs_m, STATE_N)
 
     n_top, n_unmasked_top = _diagonal_blocks(start_m, seqlen, ATTEND_CURRENT, BLOCK_M, BLOCK_N)
     # Start at a state-block edge (a row's first key need not be one: the forward's key tile
@@ -683,21 +680,21 @@ def sb_bwd_dq_kernel(
     for n in range(n_bottom, n_whole):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
-            stop, total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top,
+            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
             ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_whole), n_unmasked_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
-            stop, total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top,
+            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
             ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
-            stop, total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top,
+            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
             tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
             ACCURATE, TMA,
         )
@@ -744,7 +741,7 @@ def _dkdv_tile(
         # contribute nothing: their do and drem are zero.)
         seen = row_ok
         stop = offs_m  # unread: no first-key compare without MASKED
-    slot = slot_head + _state_block_start(pid_n, seqlen, BLOCK_N) + offs_m
+    slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
     r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
     carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
     z2, sp2, e, _ = _bwd_block_logits(
