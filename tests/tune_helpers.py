@@ -30,8 +30,10 @@ PLUGIN = "tune_helpers:register_test_backends"
 SLEEP_S = {"good": 0.015, "fast": 0.005, "wrong": 0.0, "slow": 0.15, "first-slow": 0.015}
 PRUNE = "tune_test_prune"
 # Its first call in a process takes FIRST_CALL_S longer, like a GPU process's first launches.
+# Long beside a trial's own time (a tenth of a second or so), so that a trial that took the slow
+# call is told apart from one a loaded machine stretched.
 SLOW_START = "tune_test_slow_start"
-FIRST_CALL_S = 1.0
+FIRST_CALL_S = 3.0
 _called_before: set[str] = set()
 # When set, every call of a test backend appends "<variant> <T>" to this file.
 CALL_LOG_ENV = "SBBENCH_TEST_CALL_LOG"
