@@ -224,8 +224,9 @@ def test_block_skipping_bounded_and_consistent(scan, device):
     assert max(errors.values()) < 1e-4, errors
 
 
+@pytest.mark.parametrize("state_layout", ["rows", "blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_skipping_with_gqa_reads_no_unwritten_state(dtype, device):
+def test_skipping_with_gqa_reads_no_unwritten_state(dtype, state_layout, device):
     """Rows whose walk stopped right of a key block have no boundary sums for it, yet the dK/dV
     kernel visits them when another query head of the same kv head walked further. With
     torch.empty filling NaN (deterministic mode), reading those sums turns dK/dV into NaN."""
@@ -233,7 +234,7 @@ def test_skipping_with_gqa_reads_no_unwritten_state(dtype, device):
     # Heads 0 and 2 see logits around -8 and walk every key; heads 1 and 3 stop early.
     k += 1.0
     q[:, 0::2] = -2.0
-    config = {**SMALL, "skip_log2": -20, "skip_check_keys": 32, "skip_checks": 2}
+    config = {**SMALL, "skip_log2": -20, "skip_check_keys": 32, "skip_checks": 2, "bwd_state_layout": state_layout}
     assert _skipped_fraction(q, k, v, 0.25, False, config={**DEFAULT_CONFIG, **config}) > 0.1
     fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
@@ -315,6 +316,27 @@ def test_backward_by_head_groups_is_bit_identical(varlen, loads, device, monkeyp
     assert triton_op.kv_heads_per_launch(q, 3, 10**6) == 1
     grouped = _grads(q, k, v, config, **extra)
     for name, a, b in zip(("dq", "dk", "dv"), whole, grouped):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_boundary_state_layouts_give_identical_gradients(varlen, device):
+    """By row or by key block, the boundary sums are the same values stored in other places, so
+    the gradients are bit-identical: GQA, ragged lengths, rows that stop early (skipping) and a
+    dQ key tile finer than the dK/dV one (sums stored every other dQ tile)."""
+    config = {**SMALL, "bwd_BLOCK_N": 16, "bwd_dkdv_BLOCK_N": 32, "skip_log2": -20, "skip_check_keys": 32}
+    if varlen:
+        lengths = [70, 1, 45]
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        q, k, v = _inputs((sum(lengths), 4, 16), 2, torch.float32, device, scale=2.0)
+        extra = {"cu_seqlens": cu, "max_seqlen": max(lengths)}
+    else:
+        q, k, v = _inputs((2, 4, 90, 16), 2, torch.float32, device, scale=2.0)
+        extra = {}
+    assert _skipped_fraction(q, k, v, 0.3, False, config={**DEFAULT_CONFIG, **config}, **extra) > 0
+    by_row = _grads(q, k, v, {**config, "bwd_state_layout": "rows"}, **extra)
+    by_block = _grads(q, k, v, {**config, "bwd_state_layout": "blocks"}, **extra)
+    for name, a, b in zip(("dq", "dk", "dv"), by_row, by_block):
         assert torch.equal(a, b), name
 
 

@@ -18,7 +18,7 @@ INVALID = {
     "bwd_num_warps": 32, "bwd_num_stages": -1, "bwd_dkdv_BLOCK_M": 100, "bwd_dkdv_BLOCK_N": 96,
     "bwd_dkdv_num_warps": 6, "bwd_dkdv_num_stages": 0, "bwd_maxnreg": 256, "bwd_dkdv_maxnreg": 16,
     "fwd_loads": "ldg", "bwd_loads": "tensor", "fwd_maxnreg": 300,
-    "bwd_descriptors": "device",
+    "bwd_descriptors": "device", "bwd_state_layout": "columns",
 }
 
 

@@ -274,12 +274,33 @@ def _state_base(CU_STATES, pid_b, IS_VARLEN: tl.constexpr):
         return pid_b.to(tl.int64) * tl.load(CU_STATES + 1)
 
 
+# The boundary states of a sequence are compact and causal: row r has one for each key block it
+# can see, 0 .. r // BLOCK_N. Both layouts are additive, the state of (row, block) at
+# _state_row_part(row) + _state_block_part(block), so a kernel adds the part it holds fixed once
+# and the other per tile:
+#   by row (BY_BLOCK false): row r's blocks adjacent, from BLOCK_N q(q + 1)/2 + (r mod BLOCK_N)(q + 1),
+#       q = r // BLOCK_N; cheap to address from a fixed row, but a query tile's rows lie q + 1
+#       floats apart, one memory sector each;
+#   by block: block b's rows b BLOCK_N .. seqlen - 1 adjacent, from b seqlen - BLOCK_N b(b + 1)/2
+#       (the seqlen - c BLOCK_N states of each block c < b, less the b BLOCK_N rows block b lacks),
+#       so a query tile's rows are whole cache lines.
+
+
 @triton.jit
-def _state_offset(row, BLOCK_N: tl.constexpr):
-    """Offset of row's first boundary state in its sequence's compact causal layout: row i owns
-    i // BLOCK_N + 1 slots (the key blocks it can see)."""
-    qb = row // BLOCK_N
-    return BLOCK_N * (qb * (qb + 1) // 2) + (row % BLOCK_N) * (qb + 1)
+def _state_row_part(row, BLOCK_N: tl.constexpr, BY_BLOCK: tl.constexpr):
+    if BY_BLOCK:
+        return row
+    else:
+        qb = row // BLOCK_N
+        return BLOCK_N * (qb * (qb + 1) // 2) + (row % BLOCK_N) * (qb + 1)
+
+
+@triton.jit
+def _state_block_part(block, seqlen, BLOCK_N: tl.constexpr, BY_BLOCK: tl.constexpr):
+    if BY_BLOCK:
+        return block * seqlen - BLOCK_N * (block * (block + 1) // 2)
+    else:
+        return block
 
 
 @triton.jit
@@ -574,10 +595,10 @@ def _bwd_block_dz(
 @triton.jit
 def _dq_block(
     dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen, stop,
-    total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
+    total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-    BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, STATES_BY_BLOCK: tl.constexpr, SCAN: tl.constexpr,
+    PRECISION: tl.constexpr, ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     """Key block n of the dQ walk. MASKED: some rows start right of the block's first key (their
     ``stop``); CAUSAL: the block reaches the diagonal (and maybe the sequence end). K and V come
@@ -586,8 +607,9 @@ def _dq_block(
     k, v = _kv_block(k_ptrs, v_ptrs, n * BLOCK_N, keys, offs_d, seqlen, stride_kt, stride_vt, HEAD_DIM, CAUSAL, TMA)
     ns = (n * BLOCK_N) // STATE_N
     has_slot = row_ok & (ns <= offs_m // STATE_N)
+    block_part = _state_block_part(ns, seqlen, STATE_N, STATES_BY_BLOCK)
     # P left of a state block is stored at the block's left edge ...
-    tl.store(STATE_P + row_slot + ns, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
+    tl.store(STATE_P + block_part + row_slots, carry_p, mask=has_slot & ((n * BLOCK_N) % STATE_N == 0))
     z2, sp2, e, sp_sum = _bwd_block_logits(
         q, k, keys, offs_m, stop, scale2, MASKED, CAUSAL, ATTEND_CURRENT, PRECISION, ACCURATE, SCAN
     )
@@ -600,7 +622,7 @@ def _dq_block(
     carry_p += tl.sum(g, 1)
     # ... and the stick right of it at its right edge (or where the walk ends).
     at_right_edge = (((n + 1) * BLOCK_N) % STATE_N == 0) | (n == n_top)
-    tl.store(STATE_R + row_slot + ns, r_right, mask=has_slot & at_right_edge)
+    tl.store(STATE_R + block_part + row_slots, r_right, mask=has_slot & at_right_edge)
     # max is order-independent: the result is deterministic whatever the arrival order. Relaxed:
     # only the dK/dV kernel, a launch later, reads it; the default (acq_rel) puts a GPU-wide
     # memory fence before the atomic, in every iteration.
@@ -620,8 +642,8 @@ def sb_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     T_dense, total_rows, state_total, num_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
     inv_temp, num_key_blocks, ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
-    PRECISION: tl.constexpr, ACCURATE: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, STATE_N: tl.constexpr, STATES_BY_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCAN: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     # Boundary sums are stored every STATE_N keys (the dK/dV kernel's key tile, a multiple of
     # BLOCK_N): their memory is T^2 / (2 STATE_N) floats, whatever tile suits this kernel.
@@ -651,8 +673,8 @@ def sb_bwd_dq_kernel(
     drem_rem = drem * tl.exp2(-total.to(tl.float32))
     tl.store(DREM_REM + aux, drem_rem, mask=row_ok)
 
-    # Slot of (row, key block n) in the compact causal state layout: row_slot + n.
-    row_slot = pid_h.to(tl.int64) * state_total + state_base + _state_offset(offs_m, STATE_N)
+    # This head's boundary states of this sequence, and each row's part of their offsets.
+    row_slots = pid_h.to(tl.int64) * state_total + state_base + _state_row_part(offs_m, STATE_N, STATES_BY_BLOCK)
 
     n_top, n_unmasked_top = _diagonal_blocks(start_m, seqlen, ATTEND_CURRENT, BLOCK_M, BLOCK_N)
     # Start at a state-block edge (a row's first key need not be one: the forward's key tile
@@ -680,23 +702,23 @@ def sb_bwd_dq_kernel(
     for n in range(n_bottom, n_whole):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
-            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
-            tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE, TMA,
+            stop, total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top,
+            tri_suffix, tri_prefix, True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, STATES_BY_BLOCK, SCAN,
+            PRECISION, ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_whole), n_unmasked_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
-            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
-            tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE, TMA,
+            stop, total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top,
+            tri_suffix, tri_prefix, False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, STATES_BY_BLOCK, SCAN,
+            PRECISION, ACCURATE, TMA,
         )
     for n in range(tl.maximum(n_bottom, n_unmasked_top + 1), n_top + 1):
         dq, carry_f, carry_p = _dq_block(
             dq, carry_f, carry_p, q, do, k_ptrs, v_ptrs, stride_kt, stride_vt, n, offs_n, offs_d, offs_m, seqlen,
-            stop, total, drem_rem, scale2, row_ok, row_slot, STATE_R, STATE_P, row_hi, last_row, n_top,
-            tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, SCAN, PRECISION,
-            ACCURATE, TMA,
+            stop, total, drem_rem, scale2, row_ok, row_slots, STATE_R, STATE_P, row_hi, last_row, n_top,
+            tri_suffix, tri_prefix, True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_N, STATE_N, STATES_BY_BLOCK, SCAN,
+            PRECISION, ACCURATE, TMA,
         )
     dq = dq * inv_temp
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
@@ -712,8 +734,8 @@ def _dkdv_tile(
     dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n, offs_d,
     stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, ATTEND_CURRENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATES_BY_BLOCK: tl.constexpr, SCAN: tl.constexpr,
+    PRECISION: tl.constexpr, ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     """dK and dV of the key block from query tile m of one head. MASKED: some row may start
     right of the block's first key (its ``stop``), or CAUSAL: the tile reaches the diagonal.
@@ -741,7 +763,8 @@ def _dkdv_tile(
         # contribute nothing: their do and drem are zero.)
         seen = row_ok
         stop = offs_m  # unread: no first-key compare without MASKED
-    slot = slot_head + _state_offset(offs_m, BLOCK_N) + pid_n
+    slot = (slot_head + _state_row_part(offs_m, BLOCK_N, STATES_BY_BLOCK)
+            + _state_block_part(pid_n, seqlen, BLOCK_N, STATES_BY_BLOCK))
     r_right = tl.load(STATE_R + slot, mask=seen, other=0.0)
     carry_p = tl.load(STATE_P + slot, mask=seen, other=0.0)
     z2, sp2, e, _ = _bwd_block_logits(
@@ -768,8 +791,8 @@ def sb_bwd_dkdv_kernel(
     T_dense, total_rows, state_total, num_kv_heads, group, num_pairs, sched_pairs, HEAD_DIM: tl.constexpr, scale2,
     inv_temp, num_key_blocks,
     ATTEND_CURRENT: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr, PRECISION: tl.constexpr,
-    ACCURATE: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, STATES_BY_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, SCAN: tl.constexpr,
+    PRECISION: tl.constexpr, ACCURATE: tl.constexpr, TMA: tl.constexpr,
 ):
     # Key block 0 sees every query tile: the most work, launched first.
     pid_n, pid_bhk, _ = _work_order(num_pairs, sched_pairs)
@@ -829,19 +852,22 @@ def sb_bwd_dkdv_kernel(
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
+                True, True, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, STATES_BY_BLOCK, SCAN, PRECISION, ACCURATE,
+                TMA,
             )
         for m in range(m_from, m_masked_end):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
+                True, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, STATES_BY_BLOCK, SCAN, PRECISION, ACCURATE,
+                TMA,
             )
         for m in range(m_masked_end, m_last + 1):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, m, q_head, do_head, aux_head, slot_head, pid_n, start_n, seqlen, offs_mm, offs_n,
                 offs_d, stride_qt, stride_dot, STOP, DREM_REM, STATE_R, STATE_P, scale2, tri_suffix, tri_prefix,
-                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, SCAN, PRECISION, ACCURATE, TMA,
+                False, False, HEAD_DIM, ATTEND_CURRENT, BLOCK_M, BLOCK_N, STATES_BY_BLOCK, SCAN, PRECISION, ACCURATE,
+                TMA,
             )
     dk = dk * inv_temp
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd_mask)

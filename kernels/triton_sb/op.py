@@ -70,11 +70,13 @@ def launch_options(
         ),
         "bwd_dq": dict(
             common, BLOCK_M=c["bwd_BLOCK_M"], BLOCK_N=c["bwd_BLOCK_N"], STATE_N=c["bwd_dkdv_BLOCK_N"],
+            STATES_BY_BLOCK=c["bwd_state_layout"] == "blocks",
             num_warps=c["bwd_num_warps"], num_stages=c["bwd_num_stages"], TMA=c["bwd_loads"] == "tma",
             **_register_cap(c["bwd_maxnreg"]),
         ),
         "bwd_dkdv": dict(
             common, BLOCK_M=c["bwd_dkdv_BLOCK_M"], BLOCK_N=c["bwd_dkdv_BLOCK_N"],
+            STATES_BY_BLOCK=c["bwd_state_layout"] == "blocks",
             num_warps=c["bwd_dkdv_num_warps"], num_stages=c["bwd_dkdv_num_stages"], TMA=c["bwd_loads"] == "tma",
             **_register_cap(c["bwd_dkdv_maxnreg"]),
         ),

@@ -20,6 +20,7 @@ SKIP_OFF = -(10**6)
 SCAN_CODES = {"dot": 1, "cumsum": 0}
 LOADS_CODES = {"pointer": 0, "tma": 1}
 DESCRIPTOR_CODES = {"kernel": 0, "host": 1}
+STATE_LAYOUT_CODES = {"rows": 0, "blocks": 1}
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,12 @@ LAUNCH_PARAMS: tuple[LaunchParam, ...] = (
     # instructions to the hot loops; which pays differs by head dim, so the tuned configs choose.
     # (The forward always takes host-made ones for dense inputs: they hold no scratch memory.)
     _named("bwd_descriptors", DESCRIPTOR_CODES, "bwd", "kernel"),
+    # How the boundary sums passed from the dQ to the dK/dV kernel are laid out: each row's key
+    # blocks adjacent ("rows"), or each key block's rows adjacent ("blocks"), so that the rows of
+    # a query tile are stored and loaded as whole cache lines, at the price of a block offset
+    # per dQ iteration. Which pays depends on the head dim and on how the dK/dV kernel loads its
+    # tiles, so the tuned configs choose.
+    _named("bwd_state_layout", STATE_LAYOUT_CODES, "bwd", "rows"),
 )
 
 CONFIG_SPACE: tuple[Param, ...] = LAUNCH_PARAMS
