@@ -340,6 +340,17 @@ def test_boundary_state_layouts_give_identical_gradients(varlen, device):
         assert torch.equal(a, b), name
 
 
+def test_boundary_state_offsets_past_int32_are_refused():
+    """The kernels' per-sequence state offsets are int32: by block they reach about T^2 / N
+    (past 2^31 from T = 262144 at 32-key blocks), by row half that; a longer sequence is refused
+    by name, not silently wrapped."""
+    for layout, state_n, ok, too_long in (("blocks", 32, 262144, 262145), ("blocks", 64, 370752, 370753),
+                                          ("rows", 32, 370711, 370712), ("rows", 64, 524255, 524256)):
+        triton_op.check_state_offsets(ok, state_n, layout)
+        with pytest.raises(ValueError, match=rf"seqlen: {too_long} tokens .*bwd_dkdv_BLOCK_N={state_n}"):
+            triton_op.check_state_offsets(too_long, state_n, layout)
+
+
 def test_boundary_state_budget_at_long_sequences():
     """At B=4, H=24, D=64, T=16k (bf16) the boundary sums of all heads would take 1.5 GiB, 8x
     q's bytes; under the default budget (3x q's bytes) one launch takes 8 kv heads, the most

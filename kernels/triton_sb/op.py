@@ -265,6 +265,22 @@ def kv_heads_per_launch(q: torch.Tensor, kv_heads: int, state_total: int) -> int
     return triton.cdiv(kv_heads, triton.cdiv(kv_heads, most))
 
 
+def check_state_offsets(longest: int, state_n: int, layout: str) -> None:
+    """Raise ``ValueError`` when a sequence of ``longest`` tokens is too long for the kernels'
+    int32 boundary-state offsets: within a sequence they reach its slot count by row (about
+    T^2 / (2 N)) and block * T by block (about T^2 / N), N the dK/dV key tile."""
+    if layout == "blocks":
+        reach, limit_note = ((longest - 1) // state_n) * longest, "by block"
+    else:
+        reach, limit_note = int(_state_slots(torch.tensor(longest), state_n)), "by row"
+    if reach >= 2**31:
+        raise ValueError(
+            f"seqlen: {longest} tokens take boundary-state offsets past int32 with bwd_dkdv_BLOCK_N={state_n} "
+            f"laid out {limit_note} (bwd_state_layout={layout!r}); a larger bwd_dkdv_BLOCK_N or the 'rows' "
+            f"layout reaches further"
+        )
+
+
 def _state_slots(lengths: torch.Tensor, block_n: int) -> torch.Tensor:
     """Boundary-state slots a sequence of each length needs: row i owns i // block_n + 1."""
     full, part = lengths // block_n, lengths % block_n
@@ -299,6 +315,7 @@ def triton_sb_bwd(
     if rows == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_m, state_n = config["bwd_BLOCK_M"], config["bwd_dkdv_BLOCK_N"]
+    check_state_offsets(longest, state_n, config["bwd_state_layout"])
     num_key_blocks = triton.cdiv(longest, state_n)
 
     if varlen:
