@@ -342,7 +342,7 @@ def test_boundary_state_layouts_give_identical_gradients(varlen, device):
 
 def test_boundary_state_offsets_past_int32_are_refused():
     """The kernels' per-sequence state offsets are int32: by block they reach about T^2 / N
-    (past 2^31 from T = 262144 at 32-key blocks), by row half that; a longer sequence is refused
+    (past 2^31 from T = 262145 at 32-key blocks), by row about half that; a longer sequence is refused
     by name, not silently wrapped."""
     for layout, state_n, ok, too_long in (("blocks", 32, 262144, 262145), ("blocks", 64, 370752, 370753),
                                           ("rows", 32, 370711, 370712), ("rows", 64, 524255, 524256)):
