@@ -272,7 +272,7 @@ def check_state_offsets(longest: int, state_n: int, layout: str) -> None:
     if layout == "blocks":
         reach, limit_note = ((longest - 1) // state_n) * longest, "by block"
     else:
-        reach, limit_note = int(_state_slots(torch.tensor(longest), state_n)), "by row"
+        reach, limit_note = _state_slots(longest, state_n), "by row"
     if reach >= 2**31:
         raise ValueError(
             f"seqlen: {longest} tokens take boundary-state offsets past int32 with bwd_dkdv_BLOCK_N={state_n} "
@@ -281,8 +281,9 @@ def check_state_offsets(longest: int, state_n: int, layout: str) -> None:
         )
 
 
-def _state_slots(lengths: torch.Tensor, block_n: int) -> torch.Tensor:
-    """Boundary-state slots a sequence of each length needs: row i owns i // block_n + 1."""
+def _state_slots(lengths: int | torch.Tensor, block_n: int) -> int | torch.Tensor:
+    """Boundary-state slots a sequence of each length (an int, or a tensor of them) needs: row i
+    owns i // block_n + 1."""
     full, part = lengths // block_n, lengths % block_n
     return block_n * full * (full + 1) // 2 + part * (full + 1)
 
@@ -323,7 +324,7 @@ def triton_sb_bwd(
         cu_states = torch.cat([slots.new_zeros(1), slots.cumsum(0)])
         state_total = int(cu_states[-1])  # one host sync: the buffers' size
     else:
-        per_seq = int(_state_slots(torch.tensor(t_dense), state_n))
+        per_seq = _state_slots(t_dense, state_n)
         # [0, per_seq] made on the device: torch.tensor(list, device=cuda) is a blocking copy,
         # which would wait for the forward to finish before the backward's launches are queued.
         cu_states = torch.arange(0, 2 * per_seq, per_seq, dtype=torch.int64, device=q.device)
